@@ -1,0 +1,234 @@
+"""Structured configuration: one dataclass per Hydra config group, registered in Hydra's ConfigStore.
+
+Types and defaults live here, so a misspelt key or a value of the wrong type fails when Hydra composes the
+config. Checks that span fields (``d_model % n_head``) run in ``__post_init__``, which Hydra does not call on
+composition: ``pretrain.__main__`` converts the composed config with ``OmegaConf.to_object`` first thing,
+which builds these dataclasses and runs the checks before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+POS_ENCODINGS = ("alibi", "sinusoidal", "learned", "rope", "none")
+ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
+STAGES = ("all", "prepare", "train", "eval")
+DATA_SOURCES = ("stdlib", "files", "hf")
+
+
+class ConfigError(ValueError):
+    """A value a user set is not allowed; the message names the key, the value and what is allowed."""
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape. The defaults follow Hugging Face's ``BloomForCausalLM`` layout, so export is exact."""
+
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 128
+    seq_len: int = 128
+    vocab_size: int = 8192  # replaced by the tokenizer's size when a prepared corpus is trained on
+    pos_encoding: str = "alibi"
+    attention: str = "fused"
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = True
+    # BLOOM normalises the word embeddings before the first block; GPT-2/nanoGPT do not.
+    embedding_layernorm: bool = True
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Rows of the learned position table (pos_encoding=learned); null means seq_len.
+    max_positions: Optional[int] = None
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "mlp_ratio"):
+            check_positive(f"model.{key}", getattr(self, key))
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                "choose a head count that divides d_model"
+            )
+        check_choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r} is not allowed; it must be in [0, 1)")
+        if self.pos_encoding == "rope" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(
+                f"model.pos_encoding=rope needs an even head dimension; d_model/n_head = {self.d_model // self.n_head}"
+            )
+        if self.max_positions is not None:
+            check_positive("model.max_positions", self.max_positions)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+@dataclass
+class DataConfig:
+    """Which corpus to prepare and how to tokenize it (``data=stdlib|files|hf``)."""
+
+    source: str = "stdlib"
+    # data=files: globs of .txt, .jsonl and .parquet files.
+    paths: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    # data=hf: arguments of datasets.load_dataset.
+    name: Optional[str] = None
+    config: Optional[str] = None
+    split: str = "train"
+    streaming: bool = False
+    # Documents taken from a streaming dataset (null: all of it).
+    max_documents: Optional[int] = None
+    val_fraction: float = 0.05
+    vocab_size: int = 8192
+    # An existing sentencepiece model to use instead of training one.
+    tokenizer: Optional[str] = None
+    tokenizer_type: str = "bpe"
+    # Characters of training text sampled to train the tokenizer.
+    tokenizer_sample_chars: int = 20_000_000
+    cache_dir: str = "data"
+    num_proc: int = 2
+
+    def __post_init__(self) -> None:
+        check_choice("data.source", self.source, DATA_SOURCES)
+        check_choice("data.tokenizer_type", self.tokenizer_type, ("bpe", "unigram"))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction!r} is not allowed; it must be in (0, 1)")
+        if self.vocab_size < 260:
+            # byte fallback alone takes 256 pieces, plus the special tokens
+            raise ConfigError(f"data.vocab_size={self.vocab_size} is not allowed; it must be >= 260")
+        check_positive("data.num_proc", self.num_proc)
+        check_positive("data.tokenizer_sample_chars", self.tokenizer_sample_chars)
+        if self.source == "files" and not self.paths:
+            raise ConfigError("data=files needs data.paths=[GLOB, ...] naming .txt, .jsonl or .parquet files")
+        if self.source == "hf" and not self.name:
+            raise ConfigError("data=hf needs data.name=DATASET (a hub name, or a local loader such as json)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    zero_stage: int = 0
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    ckpt_every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"
+    stop_at_step: Optional[int] = None
+    time_limit: Optional[str] = None
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+    # Extra DeepSpeed config: a dict merged over the generated one, or a path to a JSON file.
+    deepspeed: Any = None
+    peak_flops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "eval_every", "log_every"):
+            check_positive(f"train.{key}", getattr(self, key))
+        check_positive("train.lr", self.lr)
+        check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("train.keep_last", self.keep_last)
+        check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_choice("train.precision", self.precision, ("bf16", "fp16", "fp32"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} is not allowed; it must be in [0, 1]")
+        if self.stop_at_step is not None:
+            check_positive("train.stop_at_step", self.stop_at_step)
+
+
+@dataclass
+class ParallelConfig:
+    sp_size: int = 1
+    sp_mode: str = "ulysses"
+
+    def __post_init__(self) -> None:
+        check_positive("parallel.sp_size", self.sp_size)
+        check_choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring"))
+
+
+@dataclass
+class EvalConfig:
+    # Token counts; null means the training length times 1, 2, 4, 8, 16 and 32.
+    lengths: Optional[list[int]] = None
+    mode: str = "nonoverlapping"
+    stride: Optional[int] = None
+    compare: list[str] = field(default_factory=list)
+    checkpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_choice("eval.mode", self.mode, ("nonoverlapping", "sliding"))
+        for length in self.lengths or ():
+            check_positive("eval.lengths[]", length)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    project: str = "alibi-pretrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    stage: str = "all"
+    run_dir: str = "runs/default"
+    print_plan: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("stage", self.stage, STAGES)
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "eval": EvalConfig,
+    "wandb": WandbConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schemas as ``base_<group>`` (each group YAML starts with ``defaults: [base_<group>]``)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for group, schema in GROUPS.items():
+        store.store(group=group, name=f"base_{group}", node=schema)

@@ -1,0 +1,60 @@
+"""The process layout of a run: rank, world size, and the one place that reads the launcher's environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the run. ``is_main`` gates every file and log write (rank 0)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by the DeepSpeed launcher, torchrun or Slurm-started torchrun."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local_rank
+
+
+def init_distributed() -> DistContext:
+    """Join the process group when started by a multi-rank launcher (gloo on CPU, NCCL on GPU)."""
+    rank, world, local_rank = launcher_env()
+    if world > 1 and not dist.is_initialized():
+        import deepspeed
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Rank 0 may spend a long time preparing a corpus while the others wait at a barrier.
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(hours=2))
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
