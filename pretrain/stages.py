@@ -1,4 +1,4 @@
-"""Runs the stages a config asks for: prepare -> train (-> eval, in a later release)."""
+"""Runs the stages a config asks for: ``all`` is prepare -> train (eval joins in a later release)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,11 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
 
 
 def run_stages(cfg: Config, ctx) -> None:
-    if cfg.stage in ("all", "prepare"):
-        from pretrain.prepare import run_prepare
+    from pretrain.prepare import run_prepare
 
-        run_prepare(cfg, ctx)
+    # A later stage asks for the prepared corpus again: a cache hit when it is already there.
+    corpus = run_prepare(cfg, ctx)
+    if cfg.stage in ("all", "train"):
+        from pretrain.train import run_train
+
+        run_train(cfg, ctx, corpus)

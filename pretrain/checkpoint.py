@@ -1,0 +1,159 @@
+"""Checkpoints: DeepSpeed's save/load plus everything else a run needs to continue exactly.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_00000100/      DeepSpeed's files (model, optimizer shards), client state (step, data loader),
+                        rng_rank{R}.pt per rank, and complete.json written last
+    latest              the tag of the newest *complete* checkpoint (replaced atomically)
+    model.safetensors   consolidated weights of the final model (also from ZeRO-3), with model_config.json
+
+A checkpoint becomes ``latest`` only after every rank has written its files and rank 0 has written
+``complete.json``, so a run killed while saving resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.distributed import DistContext
+from pretrain.stages import PipelineError
+
+LATEST = "latest"
+COMPLETE = "complete.json"
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, directory: Path, keep_last: int, ctx: DistContext):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.ctx = ctx
+
+    def save(self, engine, step: int, client_state: dict) -> Path:
+        """Save on every rank (DeepSpeed requires it), then mark complete, point ``latest`` and prune."""
+        tag = tag_for_step(step)
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), self.directory / tag / f"rng_rank{self.ctx.rank}.pt")
+        self.ctx.barrier()
+        if self.ctx.is_main:
+            _write_atomic(self.directory / tag / COMPLETE, json.dumps({"step": step, "world_size": self.ctx.world_size}))
+            _write_atomic(self.directory / LATEST, tag)
+            self._prune(keep=tag)
+        self.ctx.barrier()
+        return self.directory / tag
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted(p.name for p in self.directory.glob("step_*") if p.is_dir())
+        complete = [t for t in tags if (self.directory / t / COMPLETE).exists()]
+        for tag in complete[: max(0, len(complete) - self.keep_last)]:
+            if tag != keep:
+                shutil.rmtree(self.directory / tag, ignore_errors=True)
+
+    def find(self, resume: str) -> Optional[tuple[Path, str]]:
+        """``(load_dir, tag)`` to resume from for ``train.resume`` (auto | none | PATH), or None to start fresh."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            if not (self.directory / LATEST).exists():
+                return None
+            return self.directory, self._read_latest(self.directory, "train.resume=auto")
+        path = Path(resume)
+        if not path.exists():
+            raise PipelineError(f"train.resume={resume!r}: no such checkpoint directory")
+        if (path / LATEST).exists():
+            return path, self._read_latest(path, f"train.resume={resume!r}")
+        if (path / COMPLETE).exists():
+            return path.parent, path.name
+        raise PipelineError(
+            f"train.resume={resume!r} is neither a checkpoints directory (with a '{LATEST}' file) nor a "
+            f"complete checkpoint (with {COMPLETE})"
+        )
+
+    @staticmethod
+    def _read_latest(directory: Path, key: str) -> str:
+        tag = (directory / LATEST).read_text().strip()
+        if not (directory / tag / COMPLETE).exists():
+            raise PipelineError(
+                f"{key}: {directory / LATEST} names checkpoint {tag!r}, which is missing or incomplete "
+                f"under {directory}; point train.resume at a complete checkpoint or use train.resume=none"
+            )
+        return tag
+
+    def load(self, engine, load_dir: Path, tag: str) -> dict:
+        """Load DeepSpeed state and this rank's RNG; return the client state (step, data loader, ...)."""
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        if path is None:
+            raise PipelineError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+        rng_file = load_dir / tag / f"rng_rank{self.ctx.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client_state
+
+
+def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, directory: Path, ctx: DistContext, zero_stage: int):
+    """Write ``model.safetensors`` and ``model_config.json``, gathering ZeRO-3 partitions first. All ranks call."""
+    from safetensors.torch import save_file
+
+    params = list(model.parameters())
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.is_main else None
+    else:
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.is_main else None
+    if ctx.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS))
+        _write_atomic(directory / MODEL_CONFIG, json.dumps(asdict(model_cfg), indent=2))
+    ctx.barrier()
+    return directory / WEIGHTS
+
+
+def load_weights(directory: Path) -> tuple[ModelConfig, dict]:
+    """``(ModelConfig, state_dict)`` from a directory written by ``save_weights``."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / WEIGHTS).exists():
+        raise PipelineError(f"no {WEIGHTS} in {directory}: train the model first (stage=train)")
+    cfg = ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
+    return cfg, load_file(str(directory / WEIGHTS))

@@ -1,0 +1,213 @@
+"""The train stage: the GPT under the DeepSpeed engine, with checkpoints, exact resume and monitoring.
+
+``run_train`` wires small parts together: the model (``model.py``), the optimizer and schedule
+(``optim.py``), the generated DeepSpeed config (``deepspeed_config.py``), the data loader (``loader.py``),
+checkpoints (``checkpoint.py``) and the monitor (``monitor.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import CheckpointManager, save_weights
+from pretrain.config import Config, ConfigError
+from pretrain.deepspeed_config import deepspeed_config, global_batch
+from pretrain.distributed import DistContext, ensure_process_group
+from pretrain.flops import flops_per_token, mfu, peak_flops
+from pretrain.model import GPT
+from pretrain.monitor import Monitor
+from pretrain.optim import build_optimizer
+
+
+def parse_time_limit(value: Optional[str]) -> Optional[float]:
+    """``train.time_limit`` "HH:MM" (or "HH:MM:SS") as seconds; None for no limit."""
+    if value is None:
+        return None
+    parts = str(value).split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        numbers = [int(p) for p in parts] + [0] * (3 - len(parts))
+    except ValueError:
+        raise ConfigError(f"train.time_limit={value!r} is not allowed; write HH:MM or HH:MM:SS") from None
+    hours, minutes, seconds = numbers
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
+class StopSignal:
+    """Asks the loop to stop after the current step (with a checkpoint) on SIGTERM, as a scheduler sends
+    before preempting an allocation, on a time limit, or at ``train.stop_at_step``. Ranks agree on it."""
+
+    def __init__(self, stop_at_step: Optional[int], time_limit_s: Optional[float], ctx: DistContext):
+        self.stop_at_step = stop_at_step
+        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        self.ctx = ctx
+        self.reason: Optional[str] = None
+        self._signalled = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._signalled = True
+
+    def check(self, step: int) -> bool:
+        reasons = []
+        if self._signalled:
+            reasons.append("SIGTERM")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            reasons.append("train.time_limit")
+        if self.stop_at_step is not None and step >= self.stop_at_step:
+            reasons.append(f"train.stop_at_step={self.stop_at_step}")
+        flag = torch.tensor([1.0 if reasons else 0.0])
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's signal stops them all, at the same step
+        if flag.item() > 0:
+            self.reason = ", ".join(reasons) or "another rank asked to stop"
+            return True
+        return False
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> float:
+    value = value.detach().float().reshape(1).cpu()
+    if ctx.world_size > 1:
+        dist.all_reduce(value)
+        value /= ctx.world_size
+    return value.item()
+
+
+def grad_norm_stage0(model: torch.nn.Module) -> float:
+    """Global L2 norm of the (already all-reduced) gradients; DeepSpeed reports it only for ZeRO >= 1."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+@torch.no_grad()
+def validation_loss(engine, batches, ctx: DistContext) -> float:
+    """Mean loss over validation batches (each rank holds its share), averaged over ranks."""
+    engine.eval()
+    total, count = torch.zeros(1), torch.zeros(1)
+    for inputs, targets in batches:
+        total += engine(inputs.to(engine.device), targets.to(engine.device)).float().cpu()
+        count += 1
+    if ctx.world_size > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    engine.train()
+    return (total / count.clamp_min(1)).item()
+
+
+def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
+    """Train ``cfg.model`` on a prepared corpus; returns a summary (steps, final loss, where things are)."""
+    import deepspeed
+
+    from pretrain.loader import TokenWindowLoader, val_batches
+
+    ensure_process_group(ctx)
+    run_dir = Path(cfg.run_dir)
+    tcfg = cfg.train
+    time_limit_s = parse_time_limit(tcfg.time_limit)
+    dp_size = ctx.world_size
+    model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
+
+    # The same seed on every rank gives every rank the same initial weights.
+    torch.manual_seed(tcfg.seed)
+    model = GPT(model_cfg)
+    model.activation_checkpointing = tcfg.activation_checkpointing
+    n_params = model.num_parameters()
+    optimizer, scheduler = build_optimizer(model, tcfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, dp_size)
+    )
+    loader = TokenWindowLoader(
+        corpus.train_path,
+        corpus.dtype,
+        model_cfg.seq_len,
+        tcfg.micro_batch_size,
+        seed=tcfg.seed,
+        dp_rank=ctx.rank,
+        dp_size=dp_size,
+    )
+    checkpoints = CheckpointManager(run_dir / "checkpoints", tcfg.keep_last, ctx)
+    start_step = 0
+    found = checkpoints.find(tcfg.resume)
+    if found is not None:
+        client_state = checkpoints.load(engine, *found)
+        start_step = client_state["step"]
+        loader.load_state_dict(client_state["loader"])
+    tokens_per_step = global_batch(tcfg, dp_size) * model_cfg.seq_len
+    per_token = flops_per_token(model_cfg, n_params)
+    peak = peak_flops(tcfg.precision, tcfg.peak_flops)
+
+    monitor = Monitor(run_dir, cfg.wandb, ctx, tcfg.max_steps, start_step, asdict(cfg))
+    monitor.write(
+        f"model: {n_params / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, "
+        f"{model_cfg.n_head} heads, {model_cfg.pos_encoding} positions, seq_len {model_cfg.seq_len}\n"
+        f"batch: {tcfg.micro_batch_size} x {tcfg.grad_accum} accumulation x {dp_size} ranks = "
+        f"{tokens_per_step:,} tokens per step; {tcfg.max_steps} steps = {tokens_per_step * tcfg.max_steps:,} tokens; "
+        f"ZeRO-{tcfg.zero_stage}, {tcfg.precision}"
+        + (f"\nresumed from {found[0] / found[1]} at step {start_step}" if found else "")
+    )
+    stopper = StopSignal(tcfg.stop_at_step, time_limit_s, ctx)
+    step, loss_value = start_step, math.nan
+    try:
+        while step < tcfg.max_steps:
+            started = time.perf_counter()
+            loss_sum = torch.zeros(())
+            norm = None
+            for _ in range(tcfg.grad_accum):
+                inputs, targets = loader.next_batch()
+                loss = engine(inputs.to(engine.device), targets.to(engine.device))
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary() and tcfg.zero_stage == 0:
+                    norm = grad_norm_stage0(engine.module)
+                lr = scheduler.get_last_lr()[0]
+                engine.step()
+                loss_sum += loss.detach().float().cpu()
+            step += 1
+            loss_value = mean_over_ranks(loss_sum / tcfg.grad_accum, ctx)
+            if norm is None:
+                reported = engine.get_global_grad_norm()
+                norm = None if reported is None else float(reported)
+            elapsed = time.perf_counter() - started
+            tokens_per_s = tokens_per_step / elapsed
+            monitor.log_step(
+                step,
+                {
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_s": tokens_per_s,
+                    "step_time_s": elapsed,
+                    "mfu": mfu(tokens_per_s / ctx.world_size, per_token, peak),
+                },
+            )
+            if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
+                batches = val_batches(
+                    corpus.val_path, corpus.dtype, model_cfg.seq_len, tcfg.micro_batch_size,
+                    tcfg.eval_batches, ctx.rank, ctx.world_size,
+                )
+                monitor.log_eval(step, validation_loss(engine, batches, ctx))
+            stopping = step < tcfg.max_steps and stopper.check(step)
+            if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
+                checkpoints.save(engine, step, {"step": step, "loader": loader.state_dict()})
+            if stopping:
+                monitor.write(f"stopped after step {step} ({stopper.reason}); checkpoint saved, resume with the same command")
+                break
+        finished = step >= tcfg.max_steps
+        if finished:
+            save_weights(engine.module, model_cfg, run_dir / "checkpoints", ctx, tcfg.zero_stage)
+    finally:
+        stopper.restore()
+        monitor.close({"final_loss": loss_value, "steps": step})
+    return {"steps": step, "loss": loss_value, "finished": finished, "model_config": model_cfg}
