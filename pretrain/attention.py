@@ -245,7 +245,7 @@ def _eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
 def _sdpa_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
     bias, mask = _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window)
     # The materialized L x L additive mask, in the activation dtype, as Hugging Face's BLOOM builds it.
-    attn_bias = bias.masked_fill(~mask, float("-inf")).to(q.dtype).unsqueeze(0)
+    attn_bias = bias.masked_fill_(~mask, float("-inf")).to(q.dtype).unsqueeze(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
     # A row that sees no key is all -inf: SDPA gives nan there, the other backends zero.
     return torch.nan_to_num(out, nan=0.0)

@@ -112,10 +112,12 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
 
     from pretrain.loader import TokenWindowLoader, val_batches
 
-    ensure_process_group(ctx)
     run_dir = Path(cfg.run_dir)
     tcfg = cfg.train
     time_limit_s = parse_time_limit(tcfg.time_limit)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", tcfg.keep_last, ctx)
+    found = checkpoints.find(tcfg.resume)  # a bad resume path fails here, before any heavy work
+    ensure_process_group(ctx)
     dp_size = ctx.world_size
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
 
@@ -137,18 +139,23 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         dp_rank=ctx.rank,
         dp_size=dp_size,
     )
-    checkpoints = CheckpointManager(run_dir / "checkpoints", tcfg.keep_last, ctx)
     start_step = 0
-    found = checkpoints.find(tcfg.resume)
     if found is not None:
         client_state = checkpoints.load(engine, *found)
         start_step = client_state["step"]
         loader.load_state_dict(client_state["loader"])
+    def validation_batches():
+        return val_batches(
+            corpus.val_path, corpus.dtype, model_cfg.seq_len, tcfg.micro_batch_size,
+            tcfg.eval_batches, ctx.rank, ctx.world_size,
+        )
+
+    next(validation_batches())  # a validation split too small for one batch fails now, not mid-run
     tokens_per_step = global_batch(tcfg, dp_size) * model_cfg.seq_len
     per_token = flops_per_token(model_cfg, n_params)
     peak = peak_flops(tcfg.precision, tcfg.peak_flops)
 
-    monitor = Monitor(run_dir, cfg.wandb, ctx, tcfg.max_steps, start_step, asdict(cfg))
+    monitor = Monitor(run_dir, cfg.wandb, ctx, tcfg.max_steps, start_step, asdict(replace(cfg, model=model_cfg)))
     monitor.write(
         f"model: {n_params / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, "
         f"{model_cfg.n_head} heads, {model_cfg.pos_encoding} positions, seq_len {model_cfg.seq_len}\n"
@@ -193,11 +200,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                 },
             )
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-                batches = val_batches(
-                    corpus.val_path, corpus.dtype, model_cfg.seq_len, tcfg.micro_batch_size,
-                    tcfg.eval_batches, ctx.rank, ctx.world_size,
-                )
-                monitor.log_eval(step, validation_loss(engine, batches, ctx))
+                monitor.log_eval(step, validation_loss(engine, validation_batches(), ctx))
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 checkpoints.save(engine, step, {"step": step, "loader": loader.state_dict()})

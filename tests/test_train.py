@@ -1,0 +1,112 @@
+"""The train stage through the real command line: DeepSpeed engine, checkpoints, exact resume, wandb."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from train_helpers import SMALL_RUN, losses, metrics, run_pretrain
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A directory with the small corpus prepared once (later runs hit the cache)."""
+    path = tmp_path_factory.mktemp("train")
+    run_pretrain(["stage=prepare", f"run_dir={path / 'prep'}", *SMALL_RUN], cwd=path)
+    return path
+
+
+def train(workdir, name, *extra, ranks=1, check=True):
+    run_dir = workdir / name
+    proc = run_pretrain(["stage=train", f"run_dir={run_dir}", *SMALL_RUN, *extra], cwd=workdir, ranks=ranks, check=check)
+    return run_dir, proc
+
+
+def test_one_process_lowers_the_loss_and_logs_to_wandb(workdir):
+    run_dir, _ = train(workdir, "falls", "train.max_steps=40", "train.lr=3e-3", "wandb.mode=offline", "train.eval_every=20")
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert set(rows[0]) >= {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+    assert abs(rows[0]["loss"] - math.log(512)) < 0.2
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert rows[-1]["tokens"] == 40 * 4 * 32
+    assert (run_dir / "checkpoints" / "model.safetensors").exists()
+    assert (run_dir / "tokenizer" / "spm.model").exists()
+    # wandb offline: one run directory holding the resolved config and the logged metrics.
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # Offline, the config and the history are records of the run's .wandb log.
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b'"pos_encoding":"alibi"' in log and b'"vocab_size":512' in log and b'"max_steps":40' in log
+    assert b"train/loss" in log and b"train/grad_norm" in log and b"val/loss" in log
+
+
+def test_resumed_run_is_the_uninterrupted_run_and_old_checkpoints_are_pruned(workdir):
+    common = ["train.max_steps=20", "train.ckpt_every=5", "train.keep_last=2"]
+    straight, _ = train(workdir, "straight", *common)
+    stopped, proc = train(workdir, "stopped", *common, "train.stop_at_step=10")
+    assert "stopped after step 10" in proc.stdout + proc.stderr
+    assert sorted(losses(stopped)) == list(range(1, 11))
+    train(workdir, "stopped", *common)  # the same command again: resume=auto
+    want, got = losses(straight), losses(stopped)
+    assert sorted(got) == list(range(1, 21))
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+    kept = sorted(p.name for p in (straight / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000015", "step_00000020"]
+    assert (straight / "checkpoints" / "latest").read_text() == "step_00000020"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.no_such_key=1"], "Key 'no_such_key' not in 'TrainConfig'"),
+        (["train.lr=-0.1"], "error: train.lr=-0.1 is not allowed; it must be > 0"),
+        (["train.micro_batch_size=0"], "error: train.micro_batch_size=0 is not allowed; it must be > 0"),
+        (["train.zero_stage=4"], "error: train.zero_stage=4 is not allowed; choose one of: 0, 1, 2, 3"),
+        (["train.resume=/no/such/dir"], "error: train.resume='/no/such/dir': no such checkpoint directory"),
+        (["train.time_limit=soon"], "error: train.time_limit='soon' is not allowed; write HH:MM"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_message(workdir, args, message):
+    _, proc = train(workdir, "bad", *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_latest_naming_a_missing_checkpoint_is_refused(workdir):
+    checkpoints = workdir / "dangling" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest").write_text("step_00000099")
+    _, proc = train(workdir, "dangling", check=False)
+    assert proc.returncode == 2
+    assert "names checkpoint 'step_00000099', which is missing or incomplete" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_match_one_rank_with_twice_the_accumulation(workdir, zero_stage):
+    common = ["train.max_steps=8", f"train.zero_stage={zero_stage}"]
+    one, _ = train(workdir, f"one-z{zero_stage}", *common, "train.grad_accum=2")
+    two, _ = train(workdir, f"two-z{zero_stage}", *common, "train.grad_accum=1", ranks=2)
+    want, got = losses(one), losses(two)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    for step in want:
+        assert abs(got[step] - want[step]) < 1e-4, (step, got[step], want[step])
+    assert (two / "checkpoints" / "model.safetensors").exists()
+
+
+@pytest.mark.multirank
+def test_resume_two_ranks_on_one(workdir):
+    """2 ranks stop at step 5; one rank with twice the accumulation continues the same token stream."""
+    common = ["train.max_steps=10", "train.ckpt_every=5"]
+    want = losses(train(workdir, "ref-1rank", *common, "train.grad_accum=2")[0])
+    train(workdir, "moved", *common, "train.stop_at_step=5", ranks=2)
+    run_dir, _ = train(workdir, "moved", *common, "train.grad_accum=2")
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 11))
+    for step in want:
+        assert abs(got[step] - want[step]) < 1e-4, (step, got[step], want[step])
