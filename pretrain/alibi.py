@@ -63,9 +63,7 @@ def alibi_bias(head_slopes: torch.Tensor, q_positions: torch.Tensor, k_positions
     return -head_slopes.to(torch.float32)[:, None, None] * distance
 
 
-def causal_mask(
-    q_positions: torch.Tensor, k_positions: torch.Tensor, window: int | None = None
-) -> torch.Tensor:
+def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Boolean ``[len(q_positions), len(k_positions)]``, True where query ``i`` may see key ``j``.
 
     Causal: ``j <= i``. With ``window`` W, also ``i - j < W`` (each query sees at most its last W keys).

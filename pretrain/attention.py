@@ -17,7 +17,6 @@ the first query and key, so a sequence shard, a ring block or a decoding step ge
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +35,13 @@ def alibi_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    slopes: Optional[torch.Tensor],
+    slopes: torch.Tensor | None,
     q_offset: int = 0,
     k_offset: int = 0,
     backend: str = "fused",
     *,
-    window: Optional[int] = None,
-    scale: Optional[float] = None,
+    window: int | None = None,
+    scale: float | None = None,
     return_lse: bool = False,
 ):
     """Causal attention with the ALiBi bias ``-slopes[h] * (i - j)`` over global positions ``i``, ``j``.
@@ -106,7 +105,7 @@ def _block_scores(qb, kb, slopes, q_pos, k_pos, window):
     return s
 
 
-def _visible_keys(q_first: int, q_last: int, k_offset: int, k_len: int, window: Optional[int]) -> tuple[int, int]:
+def _visible_keys(q_first: int, q_last: int, k_offset: int, k_len: int, window: int | None) -> tuple[int, int]:
     """Index range ``[lo, hi)`` of the keys that any of the queries ``q_first..q_last`` may see."""
     hi = min(k_len, q_last - k_offset + 1)
     lo = 0 if window is None else max(0, q_first - window + 1 - k_offset)
@@ -284,7 +283,7 @@ def alibi_block_mask(q_len, k_len, q_offset, k_offset, window, device):
     return _block_masks[key]
 
 
-def alibi_score_mod(slopes: Optional[torch.Tensor], q_offset: torch.Tensor, k_offset: torch.Tensor):
+def alibi_score_mod(slopes: torch.Tensor | None, q_offset: torch.Tensor, k_offset: torch.Tensor):
     """FlexAttention ``score_mod`` adding ``-slopes[h] * (i - j)`` in float32 over global positions.
 
     The offsets are tensors, not Python ints, so a new offset (another ring block) reuses the compiled
@@ -320,6 +319,8 @@ def flex_alibi_attention(q, k, v, slopes, q_offset=0, k_offset=0, window=None, s
     except ImportError:  # torch < 2.9
         out, lse = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
     else:
-        out, aux = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        out, aux = attend(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True)
+        )
         lse = aux.lse
     return out, lse.float()

@@ -19,7 +19,6 @@ import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -74,7 +73,9 @@ class CheckpointManager:
         torch.save(rng_state(), self.directory / tag / f"rng_rank{self.ctx.rank}.pt")
         self.ctx.barrier()
         if self.ctx.is_main:
-            _write_atomic(self.directory / tag / COMPLETE, json.dumps({"step": step, "world_size": self.ctx.world_size}))
+            _write_atomic(
+                self.directory / tag / COMPLETE, json.dumps({"step": step, "world_size": self.ctx.world_size})
+            )
             _write_atomic(self.directory / LATEST, tag)
             self._prune(keep=tag)
         self.ctx.barrier()
@@ -87,7 +88,7 @@ class CheckpointManager:
             if tag != keep:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
 
-    def find(self, resume: str) -> Optional[tuple[Path, str]]:
+    def find(self, resume: str) -> tuple[Path, str] | None:
         """``(load_dir, tag)`` to resume from for ``train.resume`` (auto | none | PATH), or None to start fresh."""
         if resume == "none":
             return None

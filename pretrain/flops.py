@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from pretrain.config import ModelConfig
@@ -18,7 +16,7 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: Optional[int] = None) -> float:
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int | None = None) -> float:
     """Training FLOPs per token, forward and backward: ``6 N + 12 L H Q T``.
 
     PaLM (Chowdhery et al. 2022), appendix B: N parameters (the tied LM head is counted once, through the
@@ -30,7 +28,7 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: Optional[int] = No
     return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
 
 
-def peak_flops(precision: str, override: Optional[float] = None) -> Optional[float]:
+def peak_flops(precision: str, override: float | None = None) -> float | None:
     """Peak FLOP/s of this process's device: ``train.peak_flops`` if set, else the table; None if unknown."""
     if override:
         return override
@@ -43,5 +41,5 @@ def peak_flops(precision: str, override: Optional[float] = None) -> Optional[flo
     return None
 
 
-def mfu(tokens_per_s_per_device: float, per_token: float, peak: Optional[float]) -> Optional[float]:
+def mfu(tokens_per_s_per_device: float, per_token: float, peak: float | None) -> float | None:
     return None if not peak else tokens_per_s_per_device * per_token / peak

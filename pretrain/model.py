@@ -15,7 +15,7 @@ The position encoding is chosen in one place, ``PositionEncoding``; the attentio
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -101,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         self.backend = cfg.attention
         self.pos = pos
         # Replaced from outside (sequence parallelism) with a function of the same signature.
-        self.attend: Optional[AttentionFn] = None
+        self.attend: AttentionFn | None = None
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -149,7 +149,9 @@ class GPT(nn.Module):
         self.pos = PositionEncoding(cfg)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.word_embeddings_layernorm = (
-            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.embedding_layernorm else nn.Identity()
+            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+            if cfg.embedding_layernorm
+            else nn.Identity()
         )
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, self.pos) for _ in range(cfg.n_layer))
@@ -187,9 +189,7 @@ class GPT(nn.Module):
                 x = block(x, offset)
         return self.ln_f(x)
 
-    def forward(
-        self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, offset: int = 0
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
         """Logits ``[B, L, vocab]``, or with ``targets`` ``[B, L]`` the mean cross-entropy (ignore index -100)."""
         logits = F.linear(self.hidden_states(input_ids, offset), self.word_embeddings.weight)  # tied head
         if targets is None:

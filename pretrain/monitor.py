@@ -7,7 +7,6 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from tqdm import tqdm
 
@@ -103,7 +102,7 @@ class Monitor:
         if self.active:
             (self.bar.write if self.bar is not None else print)(message)
 
-    def close(self, summary: Optional[dict] = None) -> None:
+    def close(self, summary: dict | None = None) -> None:
         if not self.active:
             return
         self.bar.close()

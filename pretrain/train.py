@@ -12,7 +12,6 @@ import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,7 @@ from pretrain.monitor import Monitor
 from pretrain.optim import build_optimizer
 
 
-def parse_time_limit(value: Optional[str]) -> Optional[float]:
+def parse_time_limit(value: str | None) -> float | None:
     """``train.time_limit`` "HH:MM" (or "HH:MM:SS") as seconds; None for no limit."""
     if value is None:
         return None
@@ -46,11 +45,11 @@ class StopSignal:
     """Asks the loop to stop after the current step (with a checkpoint) on SIGTERM, as a scheduler sends
     before preempting an allocation, on a time limit, or at ``train.stop_at_step``. Ranks agree on it."""
 
-    def __init__(self, stop_at_step: Optional[int], time_limit_s: Optional[float], ctx: DistContext):
+    def __init__(self, stop_at_step: int | None, time_limit_s: float | None, ctx: DistContext):
         self.stop_at_step = stop_at_step
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.ctx = ctx
-        self.reason: Optional[str] = None
+        self.reason: str | None = None
         self._signalled = False
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -144,10 +143,16 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         client_state = checkpoints.load(engine, *found)
         start_step = client_state["step"]
         loader.load_state_dict(client_state["loader"])
+
     def validation_batches():
         return val_batches(
-            corpus.val_path, corpus.dtype, model_cfg.seq_len, tcfg.micro_batch_size,
-            tcfg.eval_batches, ctx.rank, ctx.world_size,
+            corpus.val_path,
+            corpus.dtype,
+            model_cfg.seq_len,
+            tcfg.micro_batch_size,
+            tcfg.eval_batches,
+            ctx.rank,
+            ctx.world_size,
         )
 
     next(validation_batches())  # a validation split too small for one batch fails now, not mid-run
@@ -205,7 +210,9 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 checkpoints.save(engine, step, {"step": step, "loader": loader.state_dict()})
             if stopping:
-                monitor.write(f"stopped after step {step} ({stopper.reason}); checkpoint saved, resume with the same command")
+                monitor.write(
+                    f"stopped after step {step} ({stopper.reason}); checkpoint saved, resume with the same command"
+                )
                 break
         finished = step >= tcfg.max_steps
         if finished:

@@ -94,8 +94,13 @@ def test_same_logits_as_huggingface_bloom():
     model = GPT(tiny(n_head=6, d_model=96, vocab_size=500)).eval()
     bloom = transformers.BloomForCausalLM(
         transformers.BloomConfig(
-            vocab_size=500, hidden_size=96, n_layer=2, n_head=6, layer_norm_epsilon=1e-5,
-            hidden_dropout=0.0, attention_dropout=0.0,
+            vocab_size=500,
+            hidden_size=96,
+            n_layer=2,
+            n_head=6,
+            layer_norm_epsilon=1e-5,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
         )
     ).eval()
     state = {f"transformer.{k}": v for k, v in model.state_dict().items()}

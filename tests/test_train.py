@@ -18,12 +18,16 @@ def workdir(tmp_path_factory):
 
 def train(workdir, name, *extra, ranks=1, check=True):
     run_dir = workdir / name
-    proc = run_pretrain(["stage=train", f"run_dir={run_dir}", *SMALL_RUN, *extra], cwd=workdir, ranks=ranks, check=check)
+    proc = run_pretrain(
+        ["stage=train", f"run_dir={run_dir}", *SMALL_RUN, *extra], cwd=workdir, ranks=ranks, check=check
+    )
     return run_dir, proc
 
 
 def test_one_process_lowers_the_loss_and_logs_to_wandb(workdir):
-    run_dir, _ = train(workdir, "falls", "train.max_steps=40", "train.lr=3e-3", "wandb.mode=offline", "train.eval_every=20")
+    run_dir, _ = train(
+        workdir, "falls", "train.max_steps=40", "train.lr=3e-3", "wandb.mode=offline", "train.eval_every=20"
+    )
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 41))
     assert set(rows[0]) >= {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
