@@ -5,6 +5,8 @@ Layout under ``<run_dir>/checkpoints/``::
     step_00000100/      DeepSpeed's files (model, optimizer shards), client state (step, data loader),
                         rng_rank{R}.pt per rank, and complete.json written last
     latest              the tag of the newest *complete* checkpoint (replaced atomically)
+    step_00000100_universal/  the same checkpoint in DeepSpeed's universal format, made when a ZeRO run
+                        resumes on another number of ranks
     model.safetensors   consolidated weights of the final model (also from ZeRO-3), with model_config.json
 
 A checkpoint becomes ``latest`` only after every rank has written its files and rank 0 has written
@@ -16,7 +18,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from pretrain.distributed import DistContext
 from pretrain.stages import PipelineError
 
 LATEST = "latest"
+TAG_PATTERN = re.compile(r"step_\d{8}")
 COMPLETE = "complete.json"
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -82,11 +88,13 @@ class CheckpointManager:
         return self.directory / tag
 
     def _prune(self, keep: str) -> None:
-        tags = sorted(p.name for p in self.directory.glob("step_*") if p.is_dir())
+        """Remove complete checkpoints older than the newest ``keep_last`` (and their universal copies)."""
+        tags = sorted(p.name for p in self.directory.glob("step_*") if TAG_PATTERN.fullmatch(p.name))
         complete = [t for t in tags if (self.directory / t / COMPLETE).exists()]
         for tag in complete[: max(0, len(complete) - self.keep_last)]:
             if tag != keep:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
+                shutil.rmtree(self.directory / f"{tag}_universal", ignore_errors=True)
 
     def find(self, resume: str) -> tuple[Path, str] | None:
         """``(load_dir, tag)`` to resume from for ``train.resume`` (auto | none | PATH), or None to start fresh."""
@@ -117,6 +125,35 @@ class CheckpointManager:
                 f"under {directory}; point train.resume at a complete checkpoint or use train.resume=none"
             )
         return tag
+
+    @staticmethod
+    def saved_world_size(load_dir: Path, tag: str) -> int:
+        return json.loads((load_dir / tag / COMPLETE).read_text())["world_size"]
+
+    def to_universal(self, load_dir: Path, tag: str) -> tuple[Path, str]:
+        """Convert a ZeRO checkpoint to DeepSpeed's universal format, which loads on any number of ranks.
+
+        ZeRO-1/2/3 shard the optimizer state by data-parallel rank, so a checkpoint of N ranks cannot be
+        loaded by M. Rank 0 runs DeepSpeed's ``ds_to_universal`` once (the result, ``<tag>_universal``,
+        is kept and reused); the others wait. Per-rank RNG states do not carry over to another world size.
+        """
+        universal = f"{tag}_universal"
+        if self.ctx.is_main and not (load_dir / universal / COMPLETE).exists():
+            shutil.rmtree(load_dir / universal, ignore_errors=True)
+            command = [
+                sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder", str(load_dir / tag), "--output_folder", str(load_dir / universal),
+                "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
+            ]  # fmt: skip
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise PipelineError(
+                    f"could not convert checkpoint {load_dir / tag} to a universal checkpoint for "
+                    f"{self.ctx.world_size} ranks:\n{proc.stderr[-2000:]}"
+                )
+            shutil.copy(load_dir / tag / COMPLETE, load_dir / universal / COMPLETE)
+        self.ctx.barrier()
+        return load_dir, universal
 
     def load(self, engine, load_dir: Path, tag: str) -> dict:
         """Load DeepSpeed state and this rank's RNG; return the client state (step, data loader, ...)."""

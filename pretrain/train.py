@@ -114,10 +114,14 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     run_dir = Path(cfg.run_dir)
     tcfg = cfg.train
     time_limit_s = parse_time_limit(tcfg.time_limit)
+    dp_size = ctx.world_size
     checkpoints = CheckpointManager(run_dir / "checkpoints", tcfg.keep_last, ctx)
     found = checkpoints.find(tcfg.resume)  # a bad resume path fails here, before any heavy work
     ensure_process_group(ctx)
-    dp_size = ctx.world_size
+    # ZeRO shards optimizer state by rank: another world size loads through the universal format.
+    universal = found is not None and tcfg.zero_stage > 0 and checkpoints.saved_world_size(*found) != dp_size
+    if universal:
+        found = checkpoints.to_universal(*found)
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
 
     # The same seed on every rank gives every rank the same initial weights.
@@ -126,9 +130,10 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     model.activation_checkpointing = tcfg.activation_checkpointing
     n_params = model.num_parameters()
     optimizer, scheduler = build_optimizer(model, tcfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, dp_size)
-    )
+    ds_config = deepspeed_config(tcfg, dp_size)
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     loader = TokenWindowLoader(
         corpus.train_path,
         corpus.dtype,

@@ -104,12 +104,16 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(workdir, zero_stag
 
 
 @pytest.mark.multirank
-def test_resume_two_ranks_on_one(workdir):
-    """2 ranks stop at step 5; one rank with twice the accumulation continues the same token stream."""
-    common = ["train.max_steps=10", "train.ckpt_every=5"]
-    want = losses(train(workdir, "ref-1rank", *common, "train.grad_accum=2")[0])
-    train(workdir, "moved", *common, "train.stop_at_step=5", ranks=2)
-    run_dir, _ = train(workdir, "moved", *common, "train.grad_accum=2")
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_resume_two_ranks_on_one(workdir, zero_stage):
+    """2 ranks stop at step 5; one rank with twice the accumulation continues the same token stream.
+
+    ZeRO-2 shards the optimizer state by rank: the resume goes through a universal checkpoint."""
+    common = ["train.max_steps=10", "train.ckpt_every=5", f"train.zero_stage={zero_stage}"]
+    want = losses(train(workdir, f"ref-1rank-z{zero_stage}", *common, "train.grad_accum=2")[0])
+    train(workdir, f"moved-z{zero_stage}", *common, "train.stop_at_step=5", ranks=2)
+    run_dir, _ = train(workdir, f"moved-z{zero_stage}", *common, "train.grad_accum=2")
+    assert (run_dir / "checkpoints" / "step_00000005_universal").exists() == (zero_stage > 0)
     got = losses(run_dir)
     assert sorted(got) == list(range(1, 11))
     for step in want:
