@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from train_helpers import SMALL_RUN, losses, metrics, run_pretrain
@@ -118,3 +123,21 @@ def test_resume_two_ranks_on_one(workdir, zero_stage):
     assert sorted(got) == list(range(1, 11))
     for step in want:
         assert abs(got[step] - want[step]) < 1e-4, (step, got[step], want[step])
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(workdir):
+    """A scheduler's SIGTERM (preemption) ends the run after the current step, with a checkpoint to resume."""
+    run_dir = workdir / "preempted"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    args = [sys.executable, "-m", "pretrain", "stage=train", f"run_dir={run_dir}", *SMALL_RUN, "train.max_steps=100000"]
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file = run_dir / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    last = metrics(run_dir)[-1]["step"]
+    assert f"stopped after step {last} (SIGTERM)" in output
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
