@@ -1,0 +1,15 @@
+"""Benchmarks, run as ``python -m pretrain.bench NAME [options]`` (``NAME --help`` lists a benchmark's options).
+
+Each benchmark is a module of this package with ``main(argv, prog) -> int``; ``BENCHMARKS`` is the one list
+of them, so adding one (a training step, ``prepare``) is a module plus a line here.
+"""
+
+from __future__ import annotations
+
+# name -> (module, one-line description for --help)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "attention": (
+        "pretrain.bench.attention",
+        "forward+backward time and peak extra memory of the ALiBi attention backends against length",
+    ),
+}

@@ -1,0 +1,415 @@
+"""Benchmark of the ALiBi attention backends: forward+backward time and peak extra memory against length.
+
+    python -m pretrain.bench attention [--lengths 1024 2048 4096 8192] [--backends fused sdpa]
+        [--batch 1 --heads 8 --head-dim 64 --dtype float32 --device cpu|cuda --repeats N --warmup N --out PATH.json]
+
+Backends: those of ``pretrain.attention.alibi_attention`` (``fused``, ``sdpa`` with its materialized ``L x L``
+bias, ``eager``), and ``sdpa_causal_nobias``: ``scaled_dot_product_attention(q, k, v, is_causal=True)`` with
+no bias, the floor an attention without ALiBi reaches.
+
+Time: the median over ``--repeats`` calls of forward + ``out.backward(grad)``, after ``--warmup`` calls (which
+also compile FlexAttention on CUDA); CUDA calls are timed with CUDA events.
+
+Peak extra memory: the most memory held at once during forward+backward beyond what was held just before it
+(q, k, v, the output gradient, and whatever importing torch and the warm-up left). The gradients of q, k
+and v are reset before every call, so they are part of it.
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus ``memory_allocated``
+  before: the caching allocator's count of live tensor bytes.
+- CPU: PyTorch allocates with plain malloc, which tracemalloc does not see, so each (backend, length) runs
+  in a fresh process (this module with the hidden ``--one`` flag). After the warm-up it hands freed heap
+  pages back to the OS (``malloc_trim``), reads its RSS, resets the kernel's RSS high-water mark (writing 5
+  to ``/proc/self/clear_refs``) and, after the timed calls, reads the mark (``VmHWM``). The difference
+  counts whole pages, so it includes malloc's slack, and it is an upper bound of the live tensor bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.alibi import slopes
+from pretrain.attention import BACKENDS, alibi_attention
+
+BENCH_BACKENDS = (*BACKENDS, "sdpa_causal_nobias")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Per device: lengths, repeats, warm-up calls. A GPU call at these sizes takes milliseconds; a CPU call of
+# the fused kernel at L=8192 about half a minute on two cores.
+DEFAULTS = {
+    "cpu": ((1024, 2048, 4096, 8192), 3, 1),
+    "cuda": ((2048, 4096, 8192, 16384, 32768), 20, 3),
+}
+MIB = 1024 * 1024
+RESULT_PREFIX = "BENCH_RESULT "  # how a --one child hands its row to the parent, on one stdout line
+
+
+@dataclass(frozen=True)
+class AttentionBenchParams:
+    """What one run measures; written to the JSON as ``params``."""
+
+    lengths: tuple[int, ...]
+    backends: tuple[str, ...]
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    device: str
+    repeats: int
+    warmup: int
+
+
+# --- one measurement ---------------------------------------------------------------------------------------
+
+
+def attention_call(backend: str):
+    """The function ``(q, k, v, slopes) -> out [B, H, L, D]`` that a backend name stands for."""
+    if backend == "sdpa_causal_nobias":
+        return lambda q, k, v, head_slopes: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return lambda q, k, v, head_slopes: alibi_attention(q, k, v, head_slopes, backend=backend)
+
+
+def make_inputs(params: AttentionBenchParams, length: int):
+    """q, k, v ``[B, H, L, D]`` needing gradients, the output gradient of the same shape, float32 slopes ``[H]``."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (params.batch, params.heads, length, params.head_dim)
+    dtype, device = DTYPES[params.dtype], torch.device(params.device)
+    q, k, v, grad = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    return q, k, v, grad, slopes(params.heads).to(device)
+
+
+class CudaPeakMemory:
+    """Peak bytes allocated by the CUDA caching allocator since ``start``, beyond those allocated at ``start``."""
+
+    method = "torch.cuda.max_memory_allocated - memory_allocated"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+
+    def peak_extra_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - self.baseline
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def release_free_heap() -> None:
+    """Return malloc's free pages to the OS (glibc ``malloc_trim``), so the RSS holds only live memory."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+
+
+def reset_rss_high_water_mark() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux >= 4.0); True if the reset took."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        # Right after a reset the mark equals the RSS; allow a few pages touched in between.
+        return _proc_status_bytes("VmHWM") - _proc_status_bytes("VmRSS") <= 4 * MIB
+    except OSError:
+        return False
+
+
+class RssPeakMemory:
+    """Peak RSS of this process since ``start``, beyond the RSS at ``start`` (Linux ``/proc``)."""
+
+    method = "VmHWM - VmRSS of a fresh process, high-water mark reset through /proc/self/clear_refs"
+
+    def start(self) -> None:
+        release_free_heap()
+        self.baseline = _proc_status_bytes("VmRSS")
+        if not reset_rss_high_water_mark():
+            self.method = "VmHWM - VmRSS of a fresh process, mark NOT reset (it may hold the import or warm-up peak)"
+            print(f"warning: could not reset the RSS high-water mark; memory is {self.method}", file=sys.stderr)
+
+    def peak_extra_bytes(self) -> int:
+        return max(0, _proc_status_bytes("VmHWM") - self.baseline)
+
+
+def measure(params: AttentionBenchParams, backend: str, length: int) -> dict:
+    """Time and peak extra memory of forward+backward of one backend at one length, in this process."""
+    device = torch.device(params.device)
+    q, k, v, grad, head_slopes = make_inputs(params, length)
+    attend = attention_call(backend)
+
+    def step() -> None:
+        q.grad = k.grad = v.grad = None
+        out = attend(q, k, v, head_slopes)
+        out.backward(grad)
+
+    for _ in range(params.warmup):
+        step()
+    q.grad = k.grad = v.grad = None
+    meter = CudaPeakMemory(device) if device.type == "cuda" else RssPeakMemory()
+    meter.start()
+    times_ms = []
+    for _ in range(params.repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times_ms.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times_ms.append((time.perf_counter() - t0) * 1000)
+    return {
+        "length": length,
+        "backend": backend,
+        "status": "ok",
+        "time_ms": statistics.median(times_ms),
+        "times_ms": times_ms,
+        "peak_extra_mib": meter.peak_extra_bytes() / MIB,
+        "memory_method": meter.method,
+    }
+
+
+def measure_in_subprocess(params: AttentionBenchParams, backend: str, length: int) -> dict:
+    """``measure`` in a fresh Python process, so the RSS of one measurement owes nothing to another."""
+    argv = [sys.executable, "-m", "pretrain.bench", "attention", "--one", "--lengths", str(length)]
+    argv += ["--backends", backend, "--batch", str(params.batch), "--heads", str(params.heads)]
+    argv += ["--head-dim", str(params.head_dim), "--dtype", params.dtype, "--device", params.device]
+    argv += ["--repeats", str(params.repeats), "--warmup", str(params.warmup)]
+    env = dict(os.environ)
+    # The child imports this same checkout of the package, wherever the parent was started from.
+    project_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    if proc.returncode < 0:
+        status = f"killed by signal {-proc.returncode} (out of memory?)"
+    else:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        status = f"failed (exit {proc.returncode}): {tail[0]}"
+    return {"length": length, "backend": backend, "status": status}
+
+
+def measure_row(params: AttentionBenchParams, backend: str, length: int) -> dict:
+    """One row of the table: on CPU in a fresh process, on CUDA in this one (an out-of-memory becomes a row)."""
+    if params.device == "cpu":
+        return measure_in_subprocess(params, backend, length)
+    try:
+        return measure(params, backend, length)
+    except torch.OutOfMemoryError:
+        return {"length": length, "backend": backend, "status": "out of memory"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Add each row's time and memory over those of ``sdpa`` at the same length (None where either is missing)."""
+    reference = {r["length"]: r for r in rows if r["backend"] == "sdpa" and r["status"] == "ok"}
+    for row in rows:
+        ref = reference.get(row["length"])
+        ok = ref is not None and row["status"] == "ok"
+        row["time_vs_sdpa"] = row["time_ms"] / ref["time_ms"] if ok and ref["time_ms"] > 0 else None
+        row["memory_vs_sdpa"] = row["peak_extra_mib"] / ref["peak_extra_mib"] if ok and ref["peak_extra_mib"] else None
+
+
+def format_table(rows: list[dict]) -> str:
+    def num(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [f"{'L':>7}  {'backend':<20}{'time ms':>11}{'peak extra MiB':>16}{'time/sdpa':>11}{'mem/sdpa':>10}"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['length']:>7}  {r['backend']:<20}  {r['status']}")
+            continue
+        lines.append(
+            f"{r['length']:>7}  {r['backend']:<20}{num(r['time_ms'], 1):>11}{num(r['peak_extra_mib'], 1):>16}"
+            f"{num(r['time_vs_sdpa'], 2):>11}{num(r['memory_vs_sdpa'], 3):>10}"
+        )
+    return "\n".join(lines)
+
+
+def target_checks(rows: list[dict]) -> list[dict]:
+    """The two targets of the fused kernel (from the project's issue), each PASS, MISS or SKIP with its numbers."""
+    ok = {(r["backend"], r["length"]): r for r in rows if r["status"] == "ok"}
+    checks = []
+
+    name = "at L=4096 fused uses at most 1/4 of sdpa's extra memory and is at least as fast"
+    fused, sdpa = ok.get(("fused", 4096)), ok.get(("sdpa", 4096))
+    if fused and sdpa:
+        mem_ratio = fused["peak_extra_mib"] / max(sdpa["peak_extra_mib"], 1e-9)
+        time_ratio = fused["time_ms"] / sdpa["time_ms"]
+        passed = mem_ratio <= 0.25 and time_ratio <= 1.0
+        detail = (
+            f"memory {fused['peak_extra_mib']:.1f} / {sdpa['peak_extra_mib']:.1f} MiB = {mem_ratio:.3f} (<= 0.25), "
+            f"time {fused['time_ms']:.1f} / {sdpa['time_ms']:.1f} ms = {time_ratio:.2f} (<= 1)"
+        )
+        checks.append({"name": name, "status": "PASS" if passed else "MISS", "detail": detail})
+    else:
+        checks.append({"name": name, "status": "SKIP", "detail": "needs fused and sdpa measured at L=4096"})
+
+    name = "from L=4096 to L=8192 fused memory grows no faster than linearly"
+    small, large = ok.get(("fused", 4096)), ok.get(("fused", 8192))
+    if small and large:
+        growth = large["peak_extra_mib"] / max(small["peak_extra_mib"], 1e-9)
+        detail = f"{small['peak_extra_mib']:.1f} -> {large['peak_extra_mib']:.1f} MiB = {growth:.2f}x (<= 2.2)"
+        checks.append({"name": name, "status": "PASS" if growth <= 2.2 else "MISS", "detail": detail})
+    else:
+        checks.append({"name": name, "status": "SKIP", "detail": "needs fused measured at L=4096 and L=8192"})
+    return checks
+
+
+def machine_info(device: str) -> dict:
+    if device == "cuda":
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                device_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "device_name": device_name,
+        # Timings are only as good as the machine was idle: the 1-minute load average when the run started.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be >= 1")
+    return value
+
+
+def parse_params(argv: list[str], prog: str) -> tuple[AttentionBenchParams, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--lengths", type=_positive_int, nargs="+", help="sequence lengths (default cpu: 1024..8192, cuda: 2048..32768)"
+    )
+    parser.add_argument(
+        "--backends", nargs="+", choices=BENCH_BACKENDS, default=["fused", "sdpa"], help="default: fused sdpa"
+    )
+    parser.add_argument("--batch", type=_positive_int, default=1)
+    parser.add_argument("--heads", type=_positive_int, default=8)
+    parser.add_argument("--head-dim", type=_positive_int, default=64)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", choices=sorted(DEFAULTS), default="cpu")
+    parser.add_argument("--repeats", type=_positive_int, help="timed calls (default cpu: 3, cuda: 20)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed calls first (default cpu: 1, cuda: 3); with 0, the first call's one-time costs count",
+    )
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    # Internal: measure one (backend, length) in this process and print the row (the CPU parent's child).
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this torch; use --device cpu")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup {args.warmup} is not allowed; it must be >= 0")
+    if args.one and (args.lengths is None or len(args.lengths) != 1 or len(args.backends) != 1):
+        parser.error("--one measures exactly one length and one backend")
+    lengths, repeats, warmup = DEFAULTS[args.device]
+    params = AttentionBenchParams(
+        lengths=tuple(args.lengths or lengths),
+        backends=tuple(dict.fromkeys(args.backends)),
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        device=args.device,
+        repeats=args.repeats or repeats,
+        warmup=warmup if args.warmup is None else args.warmup,
+    )
+    return params, args
+
+
+def main(argv: list[str], prog: str = "python -m pretrain.bench attention") -> int:
+    params, args = parse_params(argv, prog)
+    if args.one:
+        row = measure(params, params.backends[0], params.lengths[0])
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
+        return 0
+
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    machine = machine_info(params.device)
+    print(
+        f"attention benchmark on {machine['device_name']} ({params.device}, {machine['torch_threads']} torch threads): "
+        f"batch {params.batch}, heads {params.heads}, head_dim {params.head_dim}, {params.dtype}, "
+        f"{params.warmup} warm-up + {params.repeats} timed calls of forward+backward each",
+        flush=True,
+    )
+    rows = []
+    for length in params.lengths:
+        for backend in params.backends:
+            row = measure_row(params, backend, length)
+            rows.append(row)
+            summary = (
+                f"{row['time_ms']:.1f} ms, {row['peak_extra_mib']:.1f} MiB" if row["status"] == "ok" else row["status"]
+            )
+            print(f"  L={length} {backend}: {summary}", flush=True)
+    add_ratios(rows)
+    checks = target_checks(rows)
+
+    print()
+    print(format_table(rows))
+    print()
+    for check in checks:
+        print(f"{check['status']}: {check['name']}: {check['detail']}")
+    if args.out is not None:
+        report = {
+            "benchmark": "attention",
+            "date": started,
+            "machine": machine,
+            "params": asdict(params),
+            "rows": rows,
+            "checks": checks,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,70 @@
+"""The benchmarks through their command line, on tiny sizes (no timing assertions), and the RSS meter they use."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.bench.attention import MIB, RssPeakMemory, reset_rss_high_water_mark
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_attention_bench_writes_rows(tmp_path):
+    out = tmp_path / "attention.json"
+    proc = run_bench(
+        "attention", "--lengths", "64", "512", "--backends", "fused", "sdpa", "--heads", "2", "--head-dim", "16",
+        "--repeats", "1", "--warmup", "1", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "attention"
+    assert {"platform", "cpu_count", "torch", "device_name"} <= set(report["machine"])
+    assert report["machine"]["torch"] == torch.__version__
+    assert report["params"]["lengths"] == [64, 512] and report["params"]["heads"] == 2
+    assert "T" in report["date"]
+    rows = report["rows"]
+    assert [(r["length"], r["backend"]) for r in rows] == [(64, "fused"), (64, "sdpa"), (512, "fused"), (512, "sdpa")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_ms"] > 0 and len(r["times_ms"]) == 1
+        assert r["peak_extra_mib"] >= 0
+        assert "clear_refs" in r["memory_method"]
+    # At L=512 the sdpa bias alone is 2 heads x 512 x 512 float32 = 2 MiB; both backends must show memory.
+    assert all(r["peak_extra_mib"] > 0 for r in rows if r["length"] == 512)
+    sdpa_512 = next(r for r in rows if r["length"] == 512 and r["backend"] == "sdpa")
+    assert sdpa_512["time_vs_sdpa"] == 1.0 and sdpa_512["memory_vs_sdpa"] == 1.0
+    assert [c["status"] for c in report["checks"]] == ["SKIP", "SKIP"]  # no L=4096 or 8192 here
+    assert "L=512" in proc.stdout and "peak extra MiB" in proc.stdout
+
+
+def test_unknown_backend_is_a_clear_error():
+    proc = run_bench("attention", "--backends", "flash", "--lengths", "64")
+    assert proc.returncode != 0
+    assert "invalid choice: 'flash'" in proc.stderr and "sdpa_causal_nobias" in proc.stderr
+
+
+def test_unknown_benchmark_is_a_clear_error():
+    proc = run_bench("no_such_bench")
+    assert proc.returncode != 0
+    assert "invalid choice: 'no_such_bench'" in proc.stderr and "attention" in proc.stderr
+
+
+@pytest.mark.skipif(not reset_rss_high_water_mark(), reason="needs Linux /proc/self/clear_refs")
+def test_rss_meter_sees_a_known_allocation():
+    meter = RssPeakMemory()
+    meter.start()
+    block = torch.ones(64 * MIB // 4)  # 64 MiB, touched
+    del block
+    assert 60 <= meter.peak_extra_bytes() / MIB <= 80
+    meter.start()  # a fresh start forgets the 64 MiB peak
+    assert meter.peak_extra_bytes() / MIB < 16
