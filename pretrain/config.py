@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 POS_ENCODINGS = ("alibi", "sinusoidal", "learned", "rope", "none")
 ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
-STAGES = ("all", "prepare", "train", "eval")
+# stage=eval arrives with the long-context evaluation stage; until then `all` is prepare -> train.
+STAGES = ("all", "prepare", "train")
 DATA_SOURCES = ("stdlib", "files", "hf")
 
 
@@ -80,27 +81,36 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Which corpus to prepare and how to tokenize it (``data=stdlib|files|hf``)."""
+    """Which corpus to prepare and how to tokenize it (``data=stdlib|files|hf``); see ``docs/prepare.md``."""
 
     source: str = "stdlib"
-    # data=files: globs of .txt, .jsonl and .parquet files.
+    # data=files: globs of .txt (one document per file), .jsonl/.json and .parquet files (one per row).
     paths: list[str] = field(default_factory=list)
+    # The text column of .jsonl/.parquet files and of hub datasets.
     text_field: str = "text"
-    # data=hf: arguments of datasets.load_dataset.
+    # data=hf: arguments of datasets.load_dataset (name may also be a loader such as json, or a
+    # directory written by Dataset.save_to_disk).
     name: Optional[str] = None
     config: Optional[str] = None
     split: str = "train"
     streaming: bool = False
-    # Documents taken from a streaming dataset (null: all of it).
+    # data=hf: data files handed to load_dataset (for local loaders: data.name=json data.data_files=[...]).
+    data_files: list[str] = field(default_factory=list)
+    # Documents taken from the corpus, in order (null: all of it); caps a stream.
     max_documents: Optional[int] = None
+    # Files taken from the sorted file list (data=stdlib|files; null: all); for quick runs and tests.
+    max_files: Optional[int] = None
+    # Documents whose key hashes below this fraction form the validation split.
     val_fraction: float = 0.05
     vocab_size: int = 8192
-    # An existing sentencepiece model to use instead of training one.
+    # An existing sentencepiece model to use instead of training one (then vocab_size is the model's).
     tokenizer: Optional[str] = None
     tokenizer_type: str = "bpe"
     # Characters of training text sampled to train the tokenizer.
     tokenizer_sample_chars: int = 20_000_000
+    # Where prepared corpora land, one directory per fingerprint of the inputs (relative: to the cwd).
     cache_dir: str = "data"
+    # Processes that tokenize (datasets' map num_proc); threads for a stream and for tokenizer training.
     num_proc: int = 2
 
     def __post_init__(self) -> None:
@@ -113,10 +123,23 @@ class DataConfig:
             raise ConfigError(f"data.vocab_size={self.vocab_size} is not allowed; it must be >= 260")
         check_positive("data.num_proc", self.num_proc)
         check_positive("data.tokenizer_sample_chars", self.tokenizer_sample_chars)
+        if self.max_documents is not None:
+            check_positive("data.max_documents", self.max_documents)
+        if self.max_files is not None:
+            check_positive("data.max_files", self.max_files)
+        if not self.text_field:
+            raise ConfigError("data.text_field must name the column that holds each document's text")
         if self.source == "files" and not self.paths:
             raise ConfigError("data=files needs data.paths=[GLOB, ...] naming .txt, .jsonl or .parquet files")
         if self.source == "hf" and not self.name:
             raise ConfigError("data=hf needs data.name=DATASET (a hub name, or a local loader such as json)")
+        if self.data_files and self.source != "hf":
+            raise ConfigError(
+                f"data.data_files is for data=hf (data.source={self.source!r}); for local files use "
+                "data=files data.paths=[GLOB, ...]"
+            )
+        if self.tokenizer is not None and not self.tokenizer:
+            raise ConfigError("data.tokenizer='' is not allowed; give a sentencepiece .model path or null")
 
 
 @dataclass
