@@ -26,9 +26,10 @@ from pretrain.alibi import alibi_bias, causal_mask, positions
 BACKENDS = ("fused", "sdpa", "eager")
 
 # Query rows per block of the CPU kernel, and the most score elements (batch x heads x rows x keys) one
-# block may hold: 2^22 float32 = 16 MiB, whatever the sequence length.
-BLOCK_Q = 256
-BLOCK_ELEMENTS = 1 << 22
+# block may hold: 2^20 float32 = 4 MiB, whatever the sequence length. Small tiles stay in cache; on a
+# 2-core CPU, 512 rows x 256 keys (8 heads) were fastest at L=4096 (docs/benchmarks.md).
+BLOCK_Q = 512
+BLOCK_ELEMENTS = 1 << 20
 
 
 def alibi_attention(
