@@ -144,7 +144,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = 500
     micro_batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -158,12 +158,12 @@ class TrainConfig:
     zero_stage: int = 0
     precision: str = "fp32"
     activation_checkpointing: bool = False
-    ckpt_every: int = 100
+    ckpt_every: int = 250
     keep_last: int = 2
     resume: str = "auto"
     stop_at_step: Optional[int] = None
     time_limit: Optional[str] = None
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 1
     # Extra DeepSpeed config: a dict merged over the generated one, or a path to a JSON file.

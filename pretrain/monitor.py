@@ -45,7 +45,7 @@ class Monitor:
         self.metrics_file = self.metrics_path.open("a")
         if wandb_cfg.mode != "disabled":
             self.wandb = self._start_wandb(wandb_cfg, Path(run_dir), config)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.total_steps, self.start_step = total_steps, start_step
 
     def _truncate_after(self, step: int) -> None:
         for path in (self.metrics_path, self.dir / "val.jsonl"):
@@ -80,6 +80,10 @@ class Monitor:
         self.metrics_file.flush()
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        if self.bar is None:  # created at the first step, so the start-up lines print above it
+            self.bar = tqdm(
+                total=self.total_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True
+            )
         postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
         if metrics.get("tokens_per_s"):
             postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
@@ -96,7 +100,7 @@ class Monitor:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({"val/loss": val_loss, "val/ppl": record["val_ppl"]}, step=step)
-        self.bar.write(f"step {step}: validation loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})")
+        self.write(f"step {step}: validation loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})")
 
     def write(self, message: str) -> None:
         if self.active:
@@ -105,7 +109,8 @@ class Monitor:
     def close(self, summary: dict | None = None) -> None:
         if not self.active:
             return
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         self.metrics_file.close()
         if self.wandb is not None:
             if summary:

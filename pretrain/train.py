@@ -175,6 +175,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         + (f"\nresumed from {found[0] / found[1]} at step {start_step}" if found else "")
     )
     stopper = StopSignal(tcfg.stop_at_step, time_limit_s, ctx)
+    wall_start = time.monotonic()
     step, loss_value = start_step, math.nan
     try:
         while step < tcfg.max_steps:
@@ -221,7 +222,11 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                 break
         finished = step >= tcfg.max_steps
         if finished:
-            save_weights(engine.module, model_cfg, run_dir / "checkpoints", ctx, tcfg.zero_stage)
+            weights = save_weights(engine.module, model_cfg, run_dir / "checkpoints", ctx, tcfg.zero_stage)
+            monitor.write(
+                f"trained {step} steps ({step * tokens_per_step:,} tokens) in {time.monotonic() - wall_start:.0f} s: "
+                f"loss {loss_value:.4f}; weights in {weights}"
+            )
     finally:
         stopper.restore()
         monitor.close({"final_loss": loss_value, "steps": step})
