@@ -88,7 +88,7 @@ class PositionEncoding(nn.Module):
         return rope_rotate(q, q_pos, self.rope_base), rope_rotate(k, k_pos, self.rope_base)
 
 
-# Signature of the attention call: (q, k, v, slopes, q_offset, k_offset) -> out, all [B, H, L, D].
+# Signature of the attention call: (q, k, v, slopes, q_offset, k_offset, window=None) -> out, [B, H, L, D].
 AttentionFn = Callable[..., torch.Tensor]
 
 
@@ -100,6 +100,8 @@ class CausalSelfAttention(nn.Module):
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.backend = cfg.attention
         self.pos = pos
+        # Each query sees at most its last `window` keys when set (GPT.set_attention_window).
+        self.window: int | None = None
         # Replaced from outside (sequence parallelism) with a function of the same signature.
         self.attend: AttentionFn | None = None
 
@@ -111,9 +113,9 @@ class CausalSelfAttention(nn.Module):
         positions = torch.arange(offset, offset + length, device=x.device)
         q, k = self.pos.rotate(q, k, positions, positions)
         if self.attend is not None:
-            y = self.attend(q, k, v, self.pos.slopes, offset, offset)
+            y = self.attend(q, k, v, self.pos.slopes, offset, offset, window=self.window)
         else:
-            y = alibi_attention(q, k, v, self.pos.slopes, offset, offset, backend=self.backend)
+            y = alibi_attention(q, k, v, self.pos.slopes, offset, offset, backend=self.backend, window=self.window)
         return self.dense(y.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -171,6 +173,11 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def set_attention_window(self, window: int | None) -> None:
+        """Limit every query to its last ``window`` keys (None: the full causal context)."""
+        for block in self.h:
+            block.self_attention.window = window
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -117,3 +117,18 @@ def test_bad_input_names_the_problem():
         model(torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="targets .* must match input_ids"):
         model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_attention_window_limits_context():
+    # With a window of W, the logits of a token depend only on the last W tokens.
+    model = GPT(tiny()).eval()
+    ids = torch.randint(0, 512, (1, 60))
+    changed = ids.clone()
+    changed[0, :20] = (changed[0, :20] + 1) % 512
+    with torch.no_grad():
+        model.set_attention_window(8)
+        a, b = model(ids), model(changed)
+        # Position 59 sees 52..59 in the last layer, and through 2 layers at most 59 - 2 * 7 = 45..59.
+        torch.testing.assert_close(a[0, 40:], b[0, 40:])
+        model.set_attention_window(None)
+        assert not torch.allclose(model(ids)[0, 40:], model(changed)[0, 40:])
