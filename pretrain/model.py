@@ -69,16 +69,16 @@ class PositionEncoding(nn.Module):
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.kind == "learned":
-            if int(positions[-1]) >= self.max_positions:
+            if int(positions.max()) >= self.max_positions:
                 raise ValueError(
-                    f"position {int(positions[-1])} is beyond the learned position table of "
+                    f"position {int(positions.max())} is beyond the learned position table of "
                     f"{self.max_positions} rows (model.max_positions); a learned encoding cannot go longer"
                 )
             return x + self.table(positions)
         if self.kind == "sinusoidal":
-            if int(positions[-1]) >= self.table.shape[0]:
+            if int(positions.max()) >= self.table.shape[0]:
                 # The formula extends to any length; grow the table rather than refuse.
-                self.table = sinusoidal_table(int(positions[-1]) + 1, x.shape[-1]).to(x.device)
+                self.table = sinusoidal_table(int(positions.max()) + 1, x.shape[-1]).to(x.device)
             return x + self.table[positions].to(x.dtype)
         return x
 
@@ -105,12 +105,11 @@ class CausalSelfAttention(nn.Module):
         # Replaced from outside (sequence parallelism) with a function of the same signature.
         self.attend: AttentionFn | None = None
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int, positions: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         # BLOOM's fused layout: for each head, its query, key and value rows side by side.
         qkv = self.query_key_value(x).view(batch, length, self.n_head, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
-        positions = torch.arange(offset, offset + length, device=x.device)
         q, k = self.pos.rotate(q, k, positions, positions)
         if self.attend is not None:
             y = self.attend(q, k, v, self.pos.slopes, offset, offset, window=self.window)
@@ -139,8 +138,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), offset))
+    def forward(self, x: torch.Tensor, offset: int, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), offset, positions))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -182,23 +181,36 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Final hidden states ``[B, L, d_model]`` of tokens at global positions ``offset .. offset + L - 1``."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states ``[B, L, d_model]`` of tokens at global positions ``offset .. offset + L - 1``.
+
+        ``positions`` ``[L]`` gives them explicitly instead (a sequence-parallel rank may hold pieces that
+        are not contiguous); attention then comes from the installed sequence-parallel ``attend``.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}")
-        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
         x = self.pos.embed(self.word_embeddings(input_ids), positions)
         x = self.embed_dropout(self.word_embeddings_layernorm(x))
         for block in self.h:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, offset, use_reentrant=False)
+                x = checkpoint(block, x, offset, positions, use_reentrant=False)
             else:
-                x = block(x, offset)
+                x = block(x, offset, positions)
         return self.ln_f(x)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        offset: int = 0,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits ``[B, L, vocab]``, or with ``targets`` ``[B, L]`` the mean cross-entropy (ignore index -100)."""
-        logits = F.linear(self.hidden_states(input_ids, offset), self.word_embeddings.weight)  # tied head
+        logits = F.linear(self.hidden_states(input_ids, offset, positions), self.word_embeddings.weight)  # tied
         if targets is None:
             return logits
         if targets.shape != input_ids.shape:

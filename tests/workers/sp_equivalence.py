@@ -1,0 +1,67 @@
+"""One step of the model split over the ranks of a sequence-parallel group, against the full sequence.
+
+Started by torchrun with 2 CPU ranks (gloo). Every rank also computes the reference: the same model on the
+whole sequence in one process. Rank 0 writes the loss and each parameter's gradient error as JSON.
+"""
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import ModelConfig
+from pretrain.model import GPT
+from pretrain.sequence_parallel import apply_sequence_parallel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["ulysses", "ring"], required=True)
+    parser.add_argument("--zigzag", action="store_true")
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=44)
+    parser.add_argument("--pos-encoding", default="alibi")
+    parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # Ulysses' all-to-all is DeepSpeed's comm
+    group = dist.new_group(list(range(dist.get_world_size())))
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        n_layer=2, n_head=args.n_head, d_model=8 * args.n_head, seq_len=args.seq_len, vocab_size=97,
+        pos_encoding=args.pos_encoding,
+    )  # fmt: skip
+    model = GPT(cfg)
+    model.set_attention_window(args.window)
+    tokens = torch.randint(0, 97, (2, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    reference = model(inputs, targets)
+    reference.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    layout = apply_sequence_parallel(model, group, args.mode, args.seq_len, args.zigzag)
+    local = model(layout.shard(inputs), layout.shard(targets), positions=layout.positions())
+    # Every rank holds the same number of tokens: the mean of the local means is the sequence's mean.
+    (local / layout.sp_size).backward()
+    loss = local.detach().clone()
+    dist.all_reduce(loss, group=group)
+    loss /= layout.sp_size
+    errors = {}
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=group)  # what DeepSpeed's sequence-data-parallel reduction adds up
+        errors[name] = ((grad - want[name]).norm() / want[name].norm().clamp_min(1e-30)).item()
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"loss": loss.item(), "reference": reference.item(), "grad_errors": errors}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
