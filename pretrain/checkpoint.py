@@ -67,10 +67,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, keep_last: int, ctx: DistContext):
+    def __init__(self, directory: Path, keep_last: int, ctx: DistContext, sp_size: int = 1):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.ctx = ctx
+        self.sp_size = sp_size
 
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Save on every rank (DeepSpeed requires it), then mark complete, point ``latest`` and prune."""
@@ -79,9 +80,8 @@ class CheckpointManager:
         torch.save(rng_state(), self.directory / tag / f"rng_rank{self.ctx.rank}.pt")
         self.ctx.barrier()
         if self.ctx.is_main:
-            _write_atomic(
-                self.directory / tag / COMPLETE, json.dumps({"step": step, "world_size": self.ctx.world_size})
-            )
+            record = {"step": step, "world_size": self.ctx.world_size, "sp_size": self.sp_size}
+            _write_atomic(self.directory / tag / COMPLETE, json.dumps(record))
             _write_atomic(self.directory / LATEST, tag)
             self._prune(keep=tag)
         self.ctx.barrier()
@@ -157,6 +157,12 @@ class CheckpointManager:
 
     def load(self, engine, load_dir: Path, tag: str) -> dict:
         """Load DeepSpeed state and this rank's RNG; return the client state (step, data loader, ...)."""
+        saved_sp = json.loads((load_dir / tag / COMPLETE).read_text()).get("sp_size", 1)
+        if saved_sp != self.sp_size:
+            raise PipelineError(
+                f"checkpoint {load_dir / tag} was written with parallel.sp_size={saved_sp}; resume it with the "
+                f"same sequence-parallel size (now {self.sp_size})"
+            )
         path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
             raise PipelineError(f"DeepSpeed could not load checkpoint {load_dir / tag}")

@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 POS_ENCODINGS = ("alibi", "sinusoidal", "learned", "rope", "none")
 ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
-# stage=eval arrives with the long-context evaluation stage; until then `all` is prepare -> train.
-STAGES = ("all", "prepare", "train")
+# `all` is prepare -> train -> eval; `eval` also runs prepare first (a cache hit that gives the validation split).
+STAGES = ("all", "prepare", "train", "eval")
 DATA_SOURCES = ("stdlib", "files", "hf")
 
 
@@ -186,8 +186,12 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    """Sequence parallelism: each sequence is split over ``sp_size`` ranks (see sequence_parallel.py)."""
+
     sp_size: int = 1
     sp_mode: str = "ulysses"
+    # Ring only: rank r holds chunks r and 2P-1-r of 2P, so every rank does the same causal work.
+    zigzag: bool = False
 
     def __post_init__(self) -> None:
         check_positive("parallel.sp_size", self.sp_size)
@@ -196,17 +200,72 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
+    """The long-context evaluation stage (``stage=eval``); every key is described in ``docs/eval.md``."""
+
     # Token counts; null means the training length times 1, 2, 4, 8, 16 and 32.
     lengths: Optional[list[int]] = None
+    # nonoverlapping: windows of L side by side, every token scored once (the ALiBi paper's protocol).
+    # sliding: windows of L moved by `stride`, only the last `stride` predictions of each scored.
     mode: str = "nonoverlapping"
+    # eval.mode=sliding only; null means half of each length.
     stride: Optional[int] = None
+    # Other run directories evaluated on the same windows (one curve each).
     compare: list[str] = field(default_factory=list)
+    # Weights to evaluate instead of <run_dir>/checkpoints: a directory holding model.safetensors, or the file.
     checkpoint: Optional[str] = None
+    # Predictions scored per length, from the start of the validation split (null: all of it).
+    max_tokens: Optional[int] = 32768
+    # Tokens per forward pass: each length runs max(1, batch_tokens // length) windows at a time.
+    batch_tokens: int = 16384
+    # Also score every length with attention limited to the model's training length (the windowing control).
+    window_control: bool = True
+    # Passkey retrieval: lengths (null: the training length times 1, 2, 4 and 8), depths of the key in the
+    # filler (0 = start, 1 = end), seeded trials per (length, depth), wrong keys the true key is ranked against.
+    passkey: bool = True
+    passkey_lengths: Optional[list[int]] = None
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 4
+    passkey_distractors: int = 9
+    seed: int = 1234
 
     def __post_init__(self) -> None:
         check_choice("eval.mode", self.mode, ("nonoverlapping", "sliding"))
-        for length in self.lengths or ():
-            check_positive("eval.lengths[]", length)
+        for key in ("lengths", "passkey_lengths"):
+            values = getattr(self, key)
+            if values is not None and len(values) == 0:
+                raise ConfigError(f"eval.{key}=[] is not allowed; give token counts, or null for the defaults")
+            for length in values or ():
+                check_positive(f"eval.{key}[]", length)
+                if length < 2:
+                    raise ConfigError(f"eval.{key} holds {length}; every length must be >= 2 tokens")
+        if self.stride is not None:
+            if self.mode != "sliding":
+                raise ConfigError(
+                    f"eval.stride={self.stride} is for eval.mode=sliding (eval.mode={self.mode!r}); "
+                    "drop it or set eval.mode=sliding"
+                )
+            check_positive("eval.stride", self.stride)
+            too_short = [length for length in self.lengths or () if self.stride >= length]
+            if too_short:
+                raise ConfigError(
+                    f"eval.stride={self.stride} is not allowed: it must be smaller than every eval length, and "
+                    f"eval.lengths holds {too_short[0]}; a window of L moved by S scores its last S tokens"
+                )
+        if self.max_tokens is not None:
+            check_positive("eval.max_tokens", self.max_tokens)
+        check_positive("eval.batch_tokens", self.batch_tokens)
+        if self.passkey and not self.passkey_depths:
+            raise ConfigError("eval.passkey_depths=[] is not allowed with eval.passkey=true; give depths in [0, 1]")
+        for depth in self.passkey_depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ConfigError(f"eval.passkey_depths holds {depth!r}; every depth must be in [0, 1]")
+        check_positive("eval.passkey_trials", self.passkey_trials)
+        check_positive("eval.passkey_distractors", self.passkey_distractors)
+        for key in ("compare", "checkpoint"):
+            values = getattr(self, key)
+            for value in values if isinstance(values, list) else [values]:
+                if value is not None and not str(value).strip():
+                    raise ConfigError(f"eval.{key} holds an empty path; give a run directory")
 
 
 @dataclass

@@ -80,3 +80,34 @@ def ensure_process_group(ctx: DistContext) -> None:
         os.environ.setdefault(key, str(value))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The split of the world: data-parallel groups of ``world / sp_size`` and sequence-parallel groups of
+    ``sp_size`` consecutive ranks (so a sequence stays inside a node). ``mpu`` is what DeepSpeed's engine
+    reads to reduce gradients over the sequence and data dimensions and to size the global batch."""
+
+    dp_rank: int
+    dp_size: int
+    sp_rank: int = 0
+    sp_size: int = 1
+    sp_group: object = None
+    mpu: object = None
+
+
+def build_parallel_groups(ctx: DistContext, sp_size: int) -> ParallelGroups:
+    """Build the process groups once, from the config; all ranks call it."""
+    if sp_size == 1:
+        return ParallelGroups(dp_rank=ctx.rank, dp_size=ctx.world_size)
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    mpu.initialize_sequence_parallel(sp_size)
+    return ParallelGroups(
+        dp_rank=ctx.rank // sp_size,
+        dp_size=ctx.world_size // sp_size,
+        sp_rank=ctx.rank % sp_size,
+        sp_size=sp_size,
+        sp_group=mpu.get_sequence_parallel_group(),
+        mpu=mpu,
+    )

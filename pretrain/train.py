@@ -19,11 +19,12 @@ import torch.distributed as dist
 from pretrain.checkpoint import CheckpointManager, save_weights
 from pretrain.config import Config, ConfigError
 from pretrain.deepspeed_config import deepspeed_config, global_batch
-from pretrain.distributed import DistContext, ensure_process_group
+from pretrain.distributed import DistContext, build_parallel_groups, ensure_process_group
 from pretrain.flops import flops_per_token, mfu, peak_flops
 from pretrain.model import GPT
 from pretrain.monitor import Monitor
 from pretrain.optim import build_optimizer
+from pretrain.sequence_parallel import SequenceLayout, apply_sequence_parallel, check_sequence_parallel
 
 
 def parse_time_limit(value: str | None) -> float | None:
@@ -90,13 +91,21 @@ def grad_norm_stage0(model: torch.nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
+def forward_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, layout: SequenceLayout | None):
+    """Mean loss of this rank's tokens: the whole sequences, or its shard of them under sequence parallelism."""
+    if layout is None:
+        return engine(inputs.to(engine.device), targets.to(engine.device))
+    positions = layout.positions(engine.device)
+    return engine(layout.shard(inputs).to(engine.device), layout.shard(targets).to(engine.device), positions=positions)
+
+
 @torch.no_grad()
-def validation_loss(engine, batches, ctx: DistContext) -> float:
+def validation_loss(engine, batches, ctx: DistContext, layout: SequenceLayout | None) -> float:
     """Mean loss over validation batches (each rank holds its share), averaged over ranks."""
     engine.eval()
     total, count = torch.zeros(1), torch.zeros(1)
     for inputs, targets in batches:
-        total += engine(inputs.to(engine.device), targets.to(engine.device)).float().cpu()
+        total += forward_loss(engine, inputs, targets, layout).float().cpu()
         count += 1
     if ctx.world_size > 1:
         dist.all_reduce(total)
@@ -114,12 +123,17 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     run_dir = Path(cfg.run_dir)
     tcfg = cfg.train
     time_limit_s = parse_time_limit(tcfg.time_limit)
-    dp_size = ctx.world_size
-    checkpoints = CheckpointManager(run_dir / "checkpoints", tcfg.keep_last, ctx)
+    pcfg = cfg.parallel
+    check_sequence_parallel(
+        cfg.model.seq_len, cfg.model.n_head, ctx.world_size, pcfg.sp_size, pcfg.sp_mode, pcfg.zigzag
+    )
+    checkpoints = CheckpointManager(run_dir / "checkpoints", tcfg.keep_last, ctx, sp_size=pcfg.sp_size)
     found = checkpoints.find(tcfg.resume)  # a bad resume path fails here, before any heavy work
     ensure_process_group(ctx)
+    groups = build_parallel_groups(ctx, pcfg.sp_size)
+    dp_size = groups.dp_size
     # ZeRO shards optimizer state by rank: another world size loads through the universal format.
-    universal = found is not None and tcfg.zero_stage > 0 and checkpoints.saved_world_size(*found) != dp_size
+    universal = found is not None and tcfg.zero_stage > 0 and checkpoints.saved_world_size(*found) != ctx.world_size
     if universal:
         found = checkpoints.to_universal(*found)
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
@@ -128,19 +142,24 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     torch.manual_seed(tcfg.seed)
     model = GPT(model_cfg)
     model.activation_checkpointing = tcfg.activation_checkpointing
+    layout = None
+    if groups.sp_size > 1:
+        layout = apply_sequence_parallel(model, groups.sp_group, pcfg.sp_mode, model_cfg.seq_len, pcfg.zigzag)
     n_params = model.num_parameters()
     optimizer, scheduler = build_optimizer(model, tcfg)
     ds_config = deepspeed_config(tcfg, dp_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=groups.mpu
+    )
     loader = TokenWindowLoader(
         corpus.train_path,
         corpus.dtype,
         model_cfg.seq_len,
         tcfg.micro_batch_size,
         seed=tcfg.seed,
-        dp_rank=ctx.rank,
+        dp_rank=groups.dp_rank,
         dp_size=dp_size,
     )
     start_step = 0
@@ -156,8 +175,8 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
             model_cfg.seq_len,
             tcfg.micro_batch_size,
             tcfg.eval_batches,
-            ctx.rank,
-            ctx.world_size,
+            groups.dp_rank,
+            dp_size,
         )
 
     next(validation_batches())  # a validation split too small for one batch fails now, not mid-run
@@ -172,6 +191,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         f"batch: {tcfg.micro_batch_size} x {tcfg.grad_accum} accumulation x {dp_size} ranks = "
         f"{tokens_per_step:,} tokens per step; {tcfg.max_steps} steps = {tokens_per_step * tcfg.max_steps:,} tokens; "
         f"ZeRO-{tcfg.zero_stage}, {tcfg.precision}"
+        + (f"; each sequence split over {groups.sp_size} ranks ({pcfg.sp_mode})" if layout else "")
         + (f"\nresumed from {found[0] / found[1]} at step {start_step}" if found else "")
     )
     stopper = StopSignal(tcfg.stop_at_step, time_limit_s, ctx)
@@ -184,8 +204,9 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
             norm = None
             for _ in range(tcfg.grad_accum):
                 inputs, targets = loader.next_batch()
-                loss = engine(inputs.to(engine.device), targets.to(engine.device))
-                engine.backward(loss)
+                loss = forward_loss(engine, inputs, targets, layout)
+                # DeepSpeed sums gradients over a sequence's ranks: each holds an equal share of its tokens.
+                engine.backward(loss / groups.sp_size)
                 if engine.is_gradient_accumulation_boundary() and tcfg.zero_stage == 0:
                     norm = grad_norm_stage0(engine.module)
                 lr = scheduler.get_last_lr()[0]
@@ -211,7 +232,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                 },
             )
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-                monitor.log_eval(step, validation_loss(engine, validation_batches(), ctx))
+                monitor.log_eval(step, validation_loss(engine, validation_batches(), ctx, layout))
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 checkpoints.save(engine, step, {"step": step, "loader": loader.state_dict()})

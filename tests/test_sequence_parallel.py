@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import SMALL_RUN, metrics, run_pretrain
 
 from pretrain.config import ConfigError
 from pretrain.sequence_parallel import SequenceLayout, check_sequence_parallel
@@ -81,3 +82,40 @@ def test_two_ranks_equal_one_rank_on_the_full_sequence(tmp_path, args):
     assert abs(result["loss"] - result["reference"]) / result["reference"] < 1e-5
     worst = max(result["grad_errors"], key=result["grad_errors"].get)
     assert result["grad_errors"][worst] < 1e-5, (worst, result["grad_errors"][worst])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sp")
+    run_pretrain(["stage=prepare", f"run_dir={path / 'prep'}", *SMALL_RUN], cwd=path)
+    return path
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("parallel", [["parallel=ulysses"], ["parallel=ring"], ["parallel=ring", "train.zero_stage=2"]])
+def test_training_with_sequences_split_over_two_ranks_matches_one_rank(workdir, parallel):
+    """20 steps of model=tiny with each sequence split over 2 ranks: the same losses and gradient norms."""
+    common = ["stage=train", *SMALL_RUN, "train.max_steps=20", "model.seq_len=40", "model.n_head=4"]
+    name = "-".join(parallel).replace("=", "_")
+    one, two = workdir / f"one-{name}", workdir / f"two-{name}"
+    zero = [a for a in parallel if a.startswith("train.")]
+    run_pretrain([*common, *zero, f"run_dir={one}"], cwd=workdir)
+    run_pretrain([*common, *parallel, f"run_dir={two}"], cwd=workdir, ranks=2)
+    want, got = metrics(one), metrics(two)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 21))
+    for a, b in zip(want, got):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] < 1e-3, (a, b)
+        assert a["tokens"] == b["tokens"]
+
+
+@pytest.mark.multirank
+def test_bad_sequence_split_fails_before_training(workdir):
+    proc = run_pretrain(
+        ["stage=train", *SMALL_RUN, "model.seq_len=33", "parallel=ulysses", f"run_dir={workdir / 'bad'}"],
+        cwd=workdir,
+        ranks=2,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "model.seq_len=33 is not divisible by parallel.sp_size=2" in proc.stdout + proc.stderr
