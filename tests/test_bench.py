@@ -68,3 +68,16 @@ def test_rss_meter_sees_a_known_allocation():
     assert 60 <= meter.peak_extra_bytes() / MIB <= 80
     meter.start()  # a fresh start forgets the 64 MiB peak
     assert meter.peak_extra_bytes() / MIB < 16
+
+
+@pytest.mark.multirank
+def test_sequence_parallel_benchmark_writes_its_rows(tmp_path):
+    out = tmp_path / "sp.json"
+    proc = run_bench("sequence_parallel", "--seq-len", "64", "--steps", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["rows"]] == ["none", "ulysses", "ring"]
+    assert [r["ranks"] for r in report["rows"]] == [1, 2, 2]
+    for row in report["rows"]:
+        assert row["time_s"] > 0 and len(row["per_rank"]) == row["ranks"]
+    assert "peak MiB/rank" in proc.stdout

@@ -12,4 +12,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "pretrain.bench.attention",
         "forward+backward time and peak extra memory of the ALiBi attention backends against length",
     ),
+    "sequence_parallel": (
+        "pretrain.bench.sequence_parallel",
+        "per-rank peak memory and time of a training step with each sequence split over ranks",
+    ),
 }
