@@ -36,12 +36,27 @@ def extra_config(value: Any) -> dict:
         raise ConfigError(f"train.deepspeed={value!r} is not valid JSON: {err}") from None
 
 
-def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
+def sequence_loss_scale(zero_stage: int, sp_size: int) -> float:
+    """What a rank's mean loss is multiplied by before backward when sequences are split over ``sp_size`` ranks.
+
+    Each rank holds an equal share of a sequence's tokens, so the sequence's mean loss is the sum of the
+    ranks' means divided by ``sp_size``; the gradient must add up over the sequence-parallel ranks and
+    average over the data-parallel ones. DeepSpeed 0.19's ZeRO-0/1/2 reductions divide by the data-parallel
+    size only (they sum over sequence ranks), so each rank scales its loss by ``1 / sp_size``. ZeRO-3's
+    reduce-scatter path averages over all ``dp x sp`` ranks, which already brings the ``1 / sp_size``.
+    The two-rank equivalence tests (loss and gradient norm against one rank) hold this in place.
+    """
+    return 1.0 if zero_stage == 3 else 1.0 / sp_size
+
+
+def deepspeed_config(cfg: TrainConfig, dp_size: int, sp_size: int = 1) -> dict:
     """The DeepSpeed config dict. The optimizer and LR schedule are ours (passed to ``initialize``)."""
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         # Our consolidated weights file gathers the parameters itself (see checkpoint.save_weights).
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if sp_size > 1:
+            zero["reduce_scatter"] = True  # the reduction sequence_loss_scale assumes
     generated = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -54,4 +69,10 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    return _merge(generated, extra_config(cfg.deepspeed))
+    merged = _merge(generated, extra_config(cfg.deepspeed))
+    if sp_size > 1 and cfg.zero_stage == 3 and not merged["zero_optimization"].get("reduce_scatter", True):
+        raise ConfigError(
+            "train.deepspeed sets zero_optimization.reduce_scatter=false, which ZeRO-3 with sequence "
+            "parallelism (parallel.sp_size > 1) does not support here; leave it at true"
+        )
+    return merged

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointManager, save_weights
 from pretrain.config import Config, ConfigError
-from pretrain.deepspeed_config import deepspeed_config, global_batch
+from pretrain.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
 from pretrain.distributed import DistContext, build_parallel_groups, ensure_process_group
 from pretrain.flops import flops_per_token, mfu, peak_flops
 from pretrain.model import GPT
@@ -147,7 +147,8 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         layout = apply_sequence_parallel(model, groups.sp_group, pcfg.sp_mode, model_cfg.seq_len, pcfg.zigzag)
     n_params = model.num_parameters()
     optimizer, scheduler = build_optimizer(model, tcfg)
-    ds_config = deepspeed_config(tcfg, dp_size)
+    ds_config = deepspeed_config(tcfg, dp_size, groups.sp_size)
+    loss_scale = sequence_loss_scale(tcfg.zero_stage, groups.sp_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
@@ -205,8 +206,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
             for _ in range(tcfg.grad_accum):
                 inputs, targets = loader.next_batch()
                 loss = forward_loss(engine, inputs, targets, layout)
-                # DeepSpeed sums gradients over a sequence's ranks: each holds an equal share of its tokens.
-                engine.backward(loss / groups.sp_size)
+                engine.backward(loss * loss_scale)
                 if engine.is_gradient_accumulation_boundary() and tcfg.zero_stage == 0:
                     norm = grad_norm_stage0(engine.module)
                 lr = scheduler.get_last_lr()[0]

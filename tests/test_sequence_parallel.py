@@ -119,3 +119,21 @@ def test_bad_sequence_split_fails_before_training(workdir):
     )
     assert proc.returncode != 0
     assert "model.seq_len=33 is not divisible by parallel.sp_size=2" in proc.stdout + proc.stderr
+
+
+@pytest.mark.multirank
+def test_sequence_parallel_with_zero3_resumes_exactly(workdir):
+    """Ulysses on 2 ranks under ZeRO-3, stopped at step 5 and resumed, against one rank that never stopped."""
+    common = ["stage=train", *SMALL_RUN, "train.max_steps=10", "train.ckpt_every=5", "model.seq_len=40"]
+    one, two = workdir / "z3-one", workdir / "z3-two"
+    run_pretrain([*common, "train.zero_stage=3", f"run_dir={one}"], cwd=workdir)
+    split = [*common, "train.zero_stage=3", "parallel=ulysses", f"run_dir={two}"]
+    run_pretrain([*split, "train.stop_at_step=5"], cwd=workdir, ranks=2)
+    assert [m["step"] for m in metrics(two)] == [1, 2, 3, 4, 5]
+    run_pretrain(split, cwd=workdir, ranks=2)
+    want, got = metrics(one), metrics(two)
+    assert [m["step"] for m in got] == list(range(1, 11))
+    for a, b in zip(want, got):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] < 1e-3, (a, b)
+    assert (two / "checkpoints" / "model.safetensors").exists()
