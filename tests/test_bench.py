@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.bench.attention import MIB, RssPeakMemory, reset_rss_high_water_mark
+from pretrain.memory import MIB, RssPeakMemory, reset_rss_high_water_mark
 
 ROOT = Path(__file__).resolve().parent.parent
 

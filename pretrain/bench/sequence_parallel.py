@@ -32,8 +32,8 @@ def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from pretrain.bench.attention import RssPeakMemory
     from pretrain.config import ModelConfig
+    from pretrain.memory import RssPeakMemory
     from pretrain.model import GPT
     from pretrain.sequence_parallel import apply_sequence_parallel
 
