@@ -290,10 +290,15 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     stage: str = "all"
     run_dir: str = "runs/default"
+    # Print the run's plan (sizes, batch, FLOPs, memory per device) and exit.
     print_plan: bool = False
+    # The number of devices to plan for; null: the launcher's world size.
+    plan_world_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_choice("stage", self.stage, STAGES)
+        if self.plan_world_size is not None:
+            check_positive("plan_world_size", self.plan_world_size)
 
 
 GROUPS = {

@@ -21,6 +21,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
 from pretrain.distributed import DistContext, build_parallel_groups, ensure_process_group
 from pretrain.flops import flops_per_token, mfu, peak_flops
+from pretrain.memory import MIB, peak_memory_meter
 from pretrain.model import GPT
 from pretrain.monitor import Monitor
 from pretrain.optim import build_optimizer
@@ -138,6 +139,13 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         found = checkpoints.to_universal(*found)
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
 
+    # What the model, optimizer and steps add to this process's memory (compared with the plan). The
+    # optimizer's first construction imports TorchDynamo (~80 MiB of code on a CPU): that is the framework's,
+    # so it happens before the baseline.
+    import torch._dynamo  # noqa: F401
+
+    memory = peak_memory_meter(ctx.device)
+    memory.start()
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(tcfg.seed)
     model = GPT(model_cfg)
@@ -229,6 +237,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                     "tokens_per_s": tokens_per_s,
                     "step_time_s": elapsed,
                     "mfu": mfu(tokens_per_s / ctx.world_size, per_token, peak),
+                    "peak_memory_mib": memory.peak_extra_bytes() / MIB,
                 },
             )
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:

@@ -1,0 +1,155 @@
+"""The plan of a run, before any work: sizes, batch, tokens, FLOPs and memory per device.
+
+``pretrain print_plan=true`` prints it and exits; under a launcher the world size is the launcher's, and
+``plan_world_size=N`` plans for N devices from a laptop. The memory model is the ZeRO paper's accounting
+(Rajbhandari et al. 2020, section 3) for the model states plus a count of the activations our model keeps
+for its backward pass; ``tests/test_plan.py`` holds it within 15% of peaks measured on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config import Config, ModelConfig
+from pretrain.flops import flops_per_token
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+# Floats per token and layer that a block keeps for its backward pass (fused attention, dropout 0): the
+# inputs of both LayerNorms (2h), of the QKV projection (h), its output (3h: q, k, v), the attention output
+# and its re-laid-out copy entering the output projection (2h), the MLP input (h), the GELU input (4h) and
+# output (4h) for an MLP ratio of 4 (2 * ratio * h in general).
+def layer_activation_floats(cfg: ModelConfig) -> int:
+    h = cfg.d_model
+    return 9 * h + 2 * cfg.mlp_ratio * h
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of ``GPT(cfg)`` (tied head counted once), from the shapes alone."""
+    h, r, b = cfg.d_model, cfg.mlp_ratio, int(cfg.bias)
+    norm = h * (1 + b)
+    per_layer = 2 * norm + (3 * h * h + 3 * h * b) + (h * h + h * b) + (r * h * h + r * h * b) + (r * h * h + h * b)
+    total = cfg.vocab_size * h + cfg.n_layer * per_layer + norm
+    if cfg.embedding_layernorm:
+        total += norm
+    if cfg.pos_encoding == "learned":
+        total += (cfg.max_positions or cfg.seq_len) * h
+    return total
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    dp_size: int
+    sp_size: int
+    micro_batch_size: int
+    grad_accum: int
+    seq_len: int
+    steps: int
+    parameters: int
+    flops_per_step: float
+    zero_stage: int
+    precision: str
+    activation_checkpointing: bool
+    memory: dict  # bytes per device: parameters, gradients, optimizer, activations, activations_other_mode
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.seq_len
+
+    @property
+    def total_memory(self) -> int:
+        return sum(self.memory[k] for k in ("parameters", "gradients", "optimizer", "activations"))
+
+
+def model_state_bytes(n_params: int, precision: str, zero_stage: int, shards: int) -> dict:
+    """Parameters, gradients and Adam state per device (ZeRO paper, section 3).
+
+    Mixed precision keeps 16-bit parameters and gradients and an fp32 master copy with Adam's two moments
+    (2 + 2 + 12 bytes a parameter); fp32 keeps 4 + 4 + 8. ZeRO-1 shards the optimizer state, ZeRO-2 also
+    the gradients, ZeRO-3 also the parameters, over ``shards`` ranks (data x sequence parallel).
+    """
+    mixed = precision in ("bf16", "fp16")
+    param_b, grad_b, optim_b = (2, 2, 12) if mixed else (4, 4, 8)
+    return {
+        "parameters": param_b * n_params // (shards if zero_stage >= 3 else 1),
+        "gradients": grad_b * n_params // (shards if zero_stage >= 2 else 1),
+        "optimizer": optim_b * n_params // (shards if zero_stage >= 1 else 1),
+    }
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool) -> int:
+    """Peak activation memory of one micro-batch of ``tokens`` tokens on one device.
+
+    Blocks: ``layer_activation_floats`` per token and layer (with activation checkpointing, only each
+    block's input is kept, plus one block's full set while it is recomputed). The loss peaks early in the
+    backward pass at four ``vocab`` floats a token in float32 (the loss is computed in float32 whatever the
+    model's precision): the saved log-softmax, the gradient arriving from the loss, ``exp`` of the
+    log-softmax and the logits' gradient. Embedding output, its LayerNorm and the final LayerNorm keep 3
+    more ``d_model`` floats a token.
+    """
+    act_b = 2 if precision in ("bf16", "fp16") else 4
+    per_layer = layer_activation_floats(cfg)
+    blocks = cfg.d_model * cfg.n_layer + per_layer if checkpointing else per_layer * cfg.n_layer
+    return tokens * ((blocks + 3 * cfg.d_model) * act_b + 4 * cfg.vocab_size * 4)
+
+
+def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Plan:
+    model = cfg.model if vocab_size is None else ModelConfig(**{**cfg.model.__dict__, "vocab_size": vocab_size})
+    sp = cfg.parallel.sp_size
+    dp = max(1, world_size // sp)
+    n = parameter_count(model)
+    t = cfg.train
+    tokens_per_rank = t.micro_batch_size * model.seq_len // sp
+    memory = model_state_bytes(n, t.precision, t.zero_stage, dp * sp)
+    memory["activations"] = activation_bytes(model, tokens_per_rank, t.precision, t.activation_checkpointing)
+    memory["activations_other_mode"] = activation_bytes(
+        model, tokens_per_rank, t.precision, not t.activation_checkpointing
+    )
+    return Plan(
+        world_size=world_size,
+        dp_size=dp,
+        sp_size=sp,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        seq_len=model.seq_len,
+        steps=t.max_steps,
+        parameters=n,
+        flops_per_step=flops_per_token(model, n) * t.micro_batch_size * t.grad_accum * dp * model.seq_len,
+        zero_stage=t.zero_stage,
+        precision=t.precision,
+        activation_checkpointing=t.activation_checkpointing,
+        memory=memory,
+    )
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
+
+
+def format_plan(plan: Plan) -> str:
+    m = plan.memory
+    other = "without" if plan.activation_checkpointing else "with"
+    this = "with" if plan.activation_checkpointing else "without"
+    lines = [
+        f"world: {plan.world_size} devices = {plan.dp_size} data-parallel x {plan.sp_size} sequence-parallel",
+        f"batch: {plan.micro_batch_size} sequences x {plan.grad_accum} accumulation x {plan.dp_size} data-parallel "
+        f"= {plan.sequences_per_step} sequences of {plan.seq_len} = {plan.tokens_per_step:,} tokens per step",
+        f"run: {plan.steps:,} steps = {plan.tokens_per_step * plan.steps:,} tokens",
+        f"model: {plan.parameters:,} parameters; {plan.flops_per_step:.3e} FLOPs per step "
+        f"({plan.flops_per_step * plan.steps:.3e} in total; 6N + 12LHQT per token, PaLM appendix B)",
+        f"memory per device (ZeRO-{plan.zero_stage}, {plan.precision}):",
+        f"  parameters   {_size(m['parameters']):>12}",
+        f"  gradients    {_size(m['gradients']):>12}",
+        f"  optimizer    {_size(m['optimizer']):>12}",
+        f"  activations  {_size(m['activations']):>12}  ({this} activation checkpointing; "
+        f"{other}: {_size(m['activations_other_mode'])})",
+        f"  total        {_size(plan.total_memory):>12}  (plus framework buffers and fragmentation)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The run plan: exact parameter counts, the printed plan, and memory within 15% of measured peaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from train_helpers import metrics, run_pretrain
+
+from pretrain.config import Config, ModelConfig, TrainConfig
+from pretrain.model import GPT
+from pretrain.plan import make_plan, parameter_count
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"pos_encoding": "learned", "max_positions": 300},
+        {"bias": False, "embedding_layernorm": False, "n_head": 6, "d_model": 96},
+        {"n_layer": 3, "mlp_ratio": 2, "vocab_size": 1000},
+    ],
+)
+def test_parameter_count_matches_the_model(overrides):
+    cfg = ModelConfig(**overrides)
+    assert parameter_count(cfg) == GPT(cfg).num_parameters()
+
+
+def test_zero_stages_shard_what_they_should():
+    base = Config(model=ModelConfig(vocab_size=512))
+    plans = {
+        stage: make_plan(Config(model=base.model, train=TrainConfig(zero_stage=stage, precision="bf16")), 8)
+        for stage in range(4)
+    }
+    n = plans[0].parameters
+    assert plans[0].memory["optimizer"] == 12 * n and plans[1].memory["optimizer"] == 12 * n // 8
+    assert plans[1].memory["gradients"] == 2 * n and plans[2].memory["gradients"] == 2 * n // 8
+    assert plans[2].memory["parameters"] == 2 * n and plans[3].memory["parameters"] == 2 * n // 8
+    assert plans[0].tokens_per_step == 16 * 8 * 128
+
+
+def test_print_plan_prints_and_exits_without_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "print_plan=true", "model=1.3b", "plan_world_size=64",
+         "parallel=ulysses", "train.zero_stage=3", "train.precision=bf16", f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "world: 64 devices = 32 data-parallel x 2 sequence-parallel" in out
+    assert "parameters" in out and "FLOPs per step" in out and "activation checkpointing" in out
+    assert not (tmp_path / "run" / "train").exists() and not (tmp_path / "data").exists()
+
+
+# Measured: the peak RSS growth of rank 0 over 4 training steps of the real program (from before the model is
+# built), against the plan's total. model=125m is not here yet: on a CPU its measured peak is 17% (ZeRO-0)
+# and 42% (ZeRO-2) above the plan (docs/benchmarks.md), from allocator retention and DeepSpeed's ZeRO-1/2
+# buffers that the plan does not model.
+MEASURED = [
+    ("tiny", 0, 1, []),
+    ("tiny", 2, 2, []),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("plan")
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("model, zero_stage, ranks, extra", MEASURED, ids=lambda v: str(v))
+def test_memory_plan_within_15_percent_of_the_measured_peak(workdir, model, zero_stage, ranks, extra):
+    run_dir = workdir / f"{model}-z{zero_stage}"
+    args = [f"model={model}", f"train.zero_stage={zero_stage}", "data.max_files=200", *extra]
+    run_pretrain(["stage=train", f"run_dir={run_dir}", "train.max_steps=4", *args], cwd=workdir, ranks=ranks)
+    measured = metrics(run_dir)[-1]["peak_memory_mib"]
+    plan = subprocess.run(
+        [sys.executable, "-m", "pretrain", "print_plan=true", f"plan_world_size={ranks}", *args],
+        capture_output=True, text=True, timeout=120, cwd=workdir,
+    ).stdout  # fmt: skip
+    total_line = next(line for line in plan.splitlines() if line.strip().startswith("total"))
+    value, unit = total_line.split()[1:3]
+    planned = float(value) * (1024 if unit == "GiB" else 1)
+    print(f"{model} ZeRO-{zero_stage} x{ranks}: planned {planned:.1f} MiB, measured {measured:.1f} MiB")
+    assert abs(planned - measured) / measured <= 0.15, (planned, measured, plan)
