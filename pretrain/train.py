@@ -162,6 +162,8 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=groups.mpu
     )
+    if tcfg.compile:
+        engine.compile()
     loader = TokenWindowLoader(
         corpus.train_path,
         corpus.dtype,

@@ -141,3 +141,11 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(workdir):
     last = metrics(run_dir)[-1]["step"]
     assert f"stopped after step {last} (SIGTERM)" in output
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_to_the_same_losses(workdir):
+    plain, _ = train(workdir, "eager", "train.max_steps=3")
+    compiled, _ = train(workdir, "compiled", "train.max_steps=3", "train.compile=true")
+    for step, loss in losses(plain).items():
+        assert abs(losses(compiled)[step] - loss) < 1e-4
