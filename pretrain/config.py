@@ -216,7 +216,7 @@ class EvalConfig:
     compare: list[str] = field(default_factory=list)
     # Weights to evaluate instead of <run_dir>/checkpoints: a directory holding model.safetensors, or the file.
     checkpoint: Optional[str] = None
-    # Predictions scored per length, from the start of the validation split (null: all of it).
+    # Predictions scored per length, in whole windows spread evenly over the validation split (null: all of it).
     max_tokens: Optional[int] = 32768
     # Tokens per forward pass: each length runs max(1, batch_tokens // length) windows at a time.
     batch_tokens: int = 16384

@@ -16,4 +16,12 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "pretrain.bench.sequence_parallel",
         "per-rank peak memory and time of a training step with each sequence split over ranks",
     ),
+    "train_step": (
+        "pretrain.bench.train_step",
+        "tokens/s and peak memory of a training step: our GPT under DeepSpeed against Hugging Face's BLOOM",
+    ),
+    "prepare": (
+        "pretrain.bench.prepare",
+        "tokens/s of the prepare stage (tokenizer training, tokenizing, shards) on the stdlib corpus",
+    ),
 }

@@ -1,0 +1,165 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention"): can the model recall a key far back?
+
+A random 5-digit key is hidden at a chosen depth of repeated filler sentences; the prompt ends with the
+question, and the model should continue with the key::
+
+    There is a pass key hidden in this text. Find it and remember it.
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ...
+    The pass key is 40376. Remember it. 40376 is the pass key.
+    ... more filler ...
+    What is the pass key? The pass key is 40376
+
+The prompt is built in token space, so prompt and answer are exactly ``length`` tokens (the model reads
+``length - 1`` of them), and the key line starts at the sentence boundary of the filler nearest to
+``depth * filler tokens`` (depth 0: first thing after the instruction; 1: last thing before the question).
+Two scores per trial:
+
+- greedy: the model's greedy continuation is the key. Read off one teacher-forced pass: greedy decoding
+  emits the key exactly when the true next token is the arg-max at every step of it.
+- likelihood: the key is more likely than each of ``n_distractors`` random wrong keys (chance:
+  ``1 / (n_distractors + 1)``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+INSTRUCTION = "There is a pass key hidden in this text. Find it and remember it.\n"
+FILLER = (
+    "The grass is green.",
+    " The sky is blue.",
+    " The sun is yellow.",
+    " Here we go.",
+    " There and back again.",
+)
+QUESTION = "\nWhat is the pass key? The pass key is"
+KEY_DIGITS = 5
+
+
+def key_line_parts(key: str) -> list[str]:
+    # The key is encoded as its own piece (" 40376") both here and as the answer, so its tokens are identical.
+    return ["\nThe pass key is", f" {key}", ". Remember it.", f" {key}", " is the pass key.\n"]
+
+
+def answer_text(key: str) -> str:
+    return f" {key}"
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """A passkey prompt: ``tokens`` then ``answer`` make the asked length; the key's tokens sit at ``key_position``."""
+
+    tokens: list[int]
+    answer: list[int]  # the key's tokens, the continuation the model should give
+    key: str
+    depth: float  # as asked
+    key_line_start: int  # token index where the key line starts
+    key_position: int  # token index of the key's first token inside the key line
+    filler_tokens: int  # filler tokens in the prompt (before and after the key line together)
+    filler_start: int  # token index where the filler starts (after the instruction)
+    key_offset: int  # filler tokens before the key line: the depth as it came out
+
+
+def random_key(rng: random.Random) -> str:
+    return str(rng.randint(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS - 1))
+
+
+def fixed_tokens(encode: Callable[[str], list[int]], key: str) -> int:
+    """Tokens of a prompt with ``key`` that are not filler: instruction, key line, question and answer."""
+    return sum(len(encode(part)) for part in [INSTRUCTION, *key_line_parts(key), QUESTION, answer_text(key)])
+
+
+def min_length(encode: Callable[[str], list[int]]) -> int:
+    """The shortest length every key's prompt fits in (with one filler token)."""
+    # Only the first digit may merge with the space before it; the others are one token each (split_digits).
+    return max(fixed_tokens(encode, f"{first}{'9' * (KEY_DIGITS - 1)}") for first in range(1, 10)) + 1
+
+
+def make_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str) -> PasskeyPrompt:
+    """The passkey prompt with ``key`` at ``depth`` (0..1) of the filler; prompt + answer are ``length`` tokens.
+
+    ``encode`` is a tokenizer's ``str -> list[int]`` (sentencepiece's ``encode``). The model reads at most
+    ``length - 1`` tokens to score the answer. Raises ValueError when ``length`` cannot hold the instruction,
+    key line, question and answer with at least one filler token.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} must be in [0, 1]")
+    instruction, question, answer = encode(INSTRUCTION), encode(QUESTION), encode(answer_text(key))
+    key_parts = [encode(p) for p in key_line_parts(key)]
+    key_line = [t for part in key_parts for t in part]
+    n_filler = length - len(instruction) - len(key_line) - len(question) - len(answer)
+    if n_filler < 1:
+        raise ValueError(
+            f"a passkey prompt of {length} tokens is too short: the instruction, key line, question and answer "
+            f"alone take {length - n_filler} tokens"
+        )
+    # Whole sentences, cycling, until the filler is full; the last one is cut to fit.
+    sentences = [encode(s) for s in FILLER]
+    filler: list[int] = []
+    boundaries = [0]
+    i = 0
+    while len(filler) < n_filler:
+        filler += sentences[i % len(sentences)]
+        boundaries.append(min(len(filler), n_filler))
+        i += 1
+    filler = filler[:n_filler]
+    target = depth * n_filler
+    offset = min(boundaries, key=lambda b: (abs(b - target), b))
+    tokens = instruction + filler[:offset] + key_line + filler[offset:] + question
+    assert len(tokens) + len(answer) == length, (len(tokens), len(answer), length)
+    key_line_start = len(instruction) + offset
+    return PasskeyPrompt(
+        tokens=tokens,
+        answer=answer,
+        key=key,
+        depth=depth,
+        key_line_start=key_line_start,
+        key_position=key_line_start + len(key_parts[0]),
+        filler_tokens=n_filler,
+        filler_start=len(instruction),
+        key_offset=offset,
+    )
+
+
+def trial_rng(seed: int, length: int, depth_index: int, trial: int) -> random.Random:
+    """The random source of one trial: the same key and distractors whatever the number of ranks."""
+    return random.Random(f"passkey-{seed}-{length}-{depth_index}-{trial}")
+
+
+def distractor_keys(encode: Callable[[str], list[int]], rng: random.Random, key: str, count: int) -> list[str]:
+    """``count`` other keys whose answers have as many tokens as ``key``'s, so their likelihoods compare fairly."""
+    n_tokens = len(encode(answer_text(key)))
+    keys: list[str] = []
+    for _ in range(1000 * count):
+        candidate = random_key(rng)
+        if candidate != key and candidate not in keys and len(encode(answer_text(candidate))) == n_tokens:
+            keys.append(candidate)
+            if len(keys) == count:
+                return keys
+    raise ValueError(f"could not find {count} distractor keys of {n_tokens} tokens like {key!r}")
+
+
+@torch.no_grad()
+def score_candidates(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], prompt: list[int], answers: list[list[int]], device="cpu"
+) -> tuple[torch.Tensor, bool]:
+    """Log-likelihood of each answer after ``prompt`` (float64 ``[len(answers)]``, answers of equal length), and
+    whether the greedy continuation of ``prompt`` is ``answers[0]``.
+
+    ``logits_fn`` maps token ids ``[B, T]`` to the logits of the last ``n`` positions ``[B, n, V]``, where
+    ``n`` is the answers' length.
+    """
+    n = len(answers[0])
+    assert all(len(a) == n for a in answers), "answers must have equal token counts"
+    ids = torch.tensor([prompt + a[:-1] for a in answers], dtype=torch.long, device=device)
+    logits = logits_fn(ids)  # [B, n, V]: the predictions of answer tokens 0 .. n - 1
+    assert logits.shape[:2] == (len(answers), n), logits.shape
+    targets = torch.tensor(answers, dtype=torch.long, device=logits.device)
+    logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    greedy = bool((logits[0].argmax(dim=-1) == targets[0]).all())
+    return logprobs.double().sum(dim=-1).cpu(), greedy

@@ -1,0 +1,126 @@
+"""Window arithmetic of the evaluation stage: which tokens each window feeds, and which predictions it scores.
+
+A window of length L starting at stream index ``s`` feeds the model ``tokens[s : s + L]`` and predicts
+``tokens[s + 1 : s + L + 1]``. The prediction at window position ``p`` (0-based) is of stream token
+``s + p + 1`` and sees ``p + 1`` tokens of context (itself and everything before it in the window).
+
+- ``nonoverlapping`` (the ALiBi paper's protocol): windows side by side, ``s = 0, L, 2L, ...``, every
+  position scored, so every stream token ``1 .. n_windows * L`` is predicted exactly once, with 1 to L
+  tokens of context.
+- ``sliding``: windows moved by a stride S < L, ``s = 0, S, 2S, ...``; only the last S positions of each
+  window are scored, so every prediction sees at least ``L - S + 1`` tokens of context. Stream tokens
+  ``L - S + 1 .. L - S + n_windows * S`` are each predicted exactly once; the first ``L - S`` tokens are
+  context only.
+
+Under a cap on the predictions scored (``eval.max_tokens``) a subset of these windows is taken, spread
+evenly over the stream (a validation split's first documents are no fair sample of it); each scored token
+is still scored once. Pure functions on integers: no model, no tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class WindowError(ValueError):
+    """The token stream is too short for even one window of the asked length."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """Inputs ``tokens[start : start + length]``; the predictions at positions ``score_from .. length - 1`` count."""
+
+    start: int
+    length: int
+    score_from: int
+
+    @property
+    def scored_targets(self) -> range:
+        """Stream indices of the tokens this window scores (the targets of its scored positions)."""
+        return range(self.start + self.score_from + 1, self.start + self.length + 1)
+
+    @property
+    def n_scored(self) -> int:
+        return self.length - self.score_from
+
+    def context_of(self, target: int) -> int:
+        """Tokens of context the model sees when it predicts stream token ``target`` in this window."""
+        assert target in self.scored_targets, (target, self)
+        return target - self.start
+
+
+def spread(n_available: int, n_taken: int) -> list[int]:
+    """``n_taken`` of the indices ``0 .. n_available - 1``, evenly spaced: the middle of each of ``n_taken``
+    equal parts (all of them when fewer are available)."""
+    if n_taken >= n_available:
+        return list(range(n_available))
+    return [(2 * i + 1) * n_available // (2 * n_taken) for i in range(n_taken)]
+
+
+def nonoverlapping_windows(
+    n_tokens: int, length: int, max_tokens: int | None = None, region: int | None = None
+) -> list[Window]:
+    """Windows ``[k L, (k + 1) L)`` over a stream of ``n_tokens``, each scoring all L predictions.
+
+    A window needs L + 1 tokens (its last target); a shorter tail is left out. ``max_tokens`` caps the
+    predictions scored: the stream is cut into regions of ``region`` tokens (a multiple of L; default L),
+    ``max(1, max_tokens // region)`` regions evenly spread over the stream are taken (so at least one), and
+    every window inside them. Lengths that share a region size score exactly the same tokens.
+    """
+    if length < 1:
+        raise ValueError(f"length={length} must be >= 1")
+    if n_tokens < length + 1:
+        raise WindowError(f"a window of {length} tokens needs {length + 1} tokens; the stream holds {n_tokens:,}")
+    if region is not None and region % length:
+        raise ValueError(f"region={region} must be a multiple of length={length}")
+    if max_tokens is None:
+        return [Window(k * length, length, 0) for k in range((n_tokens - 1) // length)]
+    if region is None or n_tokens < region + 1:
+        region = length
+    taken = spread((n_tokens - 1) // region, max(1, max_tokens // region))
+    return [Window(r * region + k * length, length, 0) for r in taken for k in range(region // length)]
+
+
+def sliding_windows(n_tokens: int, length: int, stride: int, max_tokens: int | None = None) -> list[Window]:
+    """Windows ``[k S, k S + L)`` over a stream of ``n_tokens``, each scoring its last S predictions (S < L).
+
+    ``max_tokens`` caps the predictions scored: ``max(1, max_tokens // S)`` windows evenly spread over the
+    stream (each still scores its own S tokens, once).
+    """
+    if not 1 <= stride < length:
+        raise ValueError(f"stride={stride} must be in [1, length={length})")
+    if n_tokens < length + 1:
+        raise WindowError(f"a window of {length} tokens needs {length + 1} tokens; the stream holds {n_tokens:,}")
+    n_windows = (n_tokens - 1 - length) // stride + 1
+    taken = range(n_windows) if max_tokens is None else spread(n_windows, max(1, max_tokens // stride))
+    return [Window(k * stride, length, length - stride) for k in taken]
+
+
+def shared_region(lengths: list[int], n_tokens: int) -> int | None:
+    """The region size that makes every length score the same tokens under a cap: the longest length that fits
+    in the stream, when every fitting length divides it (None otherwise)."""
+    fitting = [length for length in lengths if length + 1 <= n_tokens]
+    if not fitting:
+        return None
+    top = max(fitting)
+    return top if all(top % length == 0 for length in fitting) else None
+
+
+def make_windows(
+    mode: str, n_tokens: int, length: int, stride: int | None, max_tokens: int | None, region: int | None = None
+) -> list[Window]:
+    """The windows of ``eval.mode`` (``nonoverlapping`` or ``sliding``) at one length."""
+    if mode == "nonoverlapping":
+        return nonoverlapping_windows(n_tokens, length, max_tokens, region)
+    assert mode == "sliding", mode
+    return sliding_windows(n_tokens, length, stride, max_tokens)
+
+
+def default_stride(length: int) -> int:
+    """``eval.stride=null`` in sliding mode: half the window, so every prediction sees at least L/2 tokens."""
+    return max(1, length // 2)
+
+
+def shard(windows: list[Window], rank: int, world_size: int) -> list[Window]:
+    """This rank's windows: window i goes to rank ``i % world_size``."""
+    return windows[rank::world_size]

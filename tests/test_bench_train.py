@@ -1,0 +1,136 @@
+"""The train_step and prepare benchmarks through their command line, on tiny sizes (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.bench.train_step import add_ratios, estimate_step_bytes, model_shape, target_checks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+
+
+def test_train_step_bench_writes_both_rows(tmp_path):
+    out = tmp_path / "train_step.json"
+    proc = run_bench(
+        "train_step", "--models", "tiny", "--lengths", "64", "--steps", "1", "--warmup", "1", "--min-time", "0",
+        "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "train_step" and "T" in report["date"]
+    import transformers
+
+    assert report["machine"]["transformers"] == transformers.__version__
+    assert report["machine"]["torch"] == torch.__version__ and "deepspeed" in report["machine"]
+    assert report["params"]["lengths"] == [64] and report["params"]["dtype"] == "float32"
+    assert report["shapes"]["tiny"] == {"name": "tiny", "n_layer": 2, "d_model": 128, "n_head": 4}
+    rows = report["rows"]
+    assert [(r["model"], r["seq"], r["impl"]) for r in rows] == [("tiny", 64, "ours"), ("tiny", 64, "bloom")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert len(r["times_s"]) == 1 and len(r["warmup_times_s"]) == 1
+        assert r["tokens_per_s"] > 0 and r["peak_mib"] > 0 and r["total_mib"] > 0
+        assert "clear_refs" in r["memory_method"]
+    ours, bloom = rows
+    assert ours["n_params"] == bloom["n_params"]  # exactly the same shape
+    assert ours["tokens_per_s_vs_bloom"] > 0 and ours["peak_vs_bloom"] > 0
+    assert bloom["tokens_per_s_vs_bloom"] == 1.0
+    assert [c["status"] for c in report["checks"]] == ["SKIP", "SKIP", "SKIP"]  # no seq 512, 2048 or 8192 here
+    assert "tok/s ours/BLOOM" in proc.stdout
+
+
+def test_train_step_rows_over_budget_are_recorded_as_skipped(tmp_path):
+    out = tmp_path / "skipped.json"
+    proc = run_bench(
+        "train_step", "--models", "tiny", "--lengths", "64", "--max-memory-gib", "0.001", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["ours", "bloom"]
+    for r in rows:
+        assert r["status"].startswith("skipped:") and "--max-memory-gib" in r["status"]
+        assert "tokens_per_s" not in r and r["tokens_per_s_vs_bloom"] is None
+
+    proc = run_bench(
+        "train_step", "--models", "tiny", "--lengths", "64", "--impls", "bloom", "--max-seconds", "0.001",
+        "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"].startswith("skipped: no answer") and "--max-seconds" in row["status"]
+
+    # The warm-up step fits the budget, but 1 + 1000 steps would not: stopped after it, its memory kept.
+    proc = run_bench(
+        "train_step", "--models", "tiny", "--lengths", "64", "--impls", "bloom", "--max-seconds", "5",
+        "--steps", "1000", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"].startswith("skipped: the last warm-up step took") and "--max-seconds 5" in row["status"]
+    assert len(row["warmup_times_s"]) == 1 and row["total_mib"] > 0
+
+
+def test_train_step_bad_options_are_clear_errors():
+    proc = run_bench("train_step", "--models", "huge")
+    assert proc.returncode != 0 and "invalid choice: 'huge'" in proc.stderr and "125m" in proc.stderr
+    proc = run_bench("train_step", "--lengths", "0")
+    assert proc.returncode != 0 and "0 is not allowed; it must be >= 1" in proc.stderr
+
+
+def test_targets_and_ratios_from_rows():
+    def row(impl, seq, tokens_per_s, peak_mib):
+        return {"model": "tiny", "seq": seq, "impl": impl, "status": "ok", "tokens_per_s": tokens_per_s,
+                "peak_mib": peak_mib}  # fmt: skip
+
+    rows = [
+        row("ours", 512, 1100.0, 90.0), row("bloom", 512, 1000.0, 100.0),
+        row("ours", 2048, 1400.0, 40.0), row("bloom", 2048, 1000.0, 100.0),
+        {"model": "tiny", "seq": 8192, "impl": "bloom", "status": "skipped: too big"},
+    ]  # fmt: skip
+    add_ratios(rows)
+    assert rows[0]["tokens_per_s_vs_bloom"] == 1.1 and rows[0]["peak_vs_bloom"] == 0.9
+    assert rows[4]["tokens_per_s_vs_bloom"] is None
+    checks = target_checks(rows)
+    assert [c["status"] for c in checks] == ["MISS", "PASS", "SKIP"]  # 1.4x < 1.5x at 2048
+    assert "1.40x" in checks[0]["detail"]
+
+
+def test_memory_estimate_skips_what_cannot_fit():
+    tiny, base = model_shape("tiny"), model_shape("125m")
+    assert (base.n_layer, base.d_model, base.n_head) == (12, 768, 12)
+    # BLOOM's saved [heads, L, L] float32 probabilities dominate at 8192: 12 layers x 3 GiB.
+    assert estimate_step_bytes("bloom", base, 8192, 1, 8192) > 40 * 1024**3
+    assert estimate_step_bytes("ours", base, 8192, 1, 8192) < 10 * 1024**3
+    assert estimate_step_bytes("ours", tiny, 2048, 1, 8192) < estimate_step_bytes("bloom", tiny, 2048, 1, 8192)
+
+
+def test_prepare_bench_writes_its_row(tmp_path):
+    out = tmp_path / "prepare.json"
+    proc = run_bench("prepare", "--max-files", "10", "--vocab-size", "400", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "prepare" and report["params"]["max_files"] == 10
+    assert {"sentencepiece", "datasets", "torch"} <= set(report["machine"])
+    (row,) = report["rows"]
+    assert row["files"] == 10 and row["vocab_size"] == 400
+    assert row["tokens"]["train"] > 0 and row["documents"]["train"] > 0
+    assert row["wall_s"] > 0 and row["cache_hit_s"] > 0 and row["tokens_per_s"] > 0
+    assert all(row["seconds"][phase] is not None for phase in ("load", "split", "tokenizer", "tokenize"))
+    assert report["summary"]["tokens_per_s"] == row["tokens_per_s"]
+    assert "tokenize tok/s" in proc.stdout
+
+
+def test_prepare_bench_bad_options_are_clear_errors():
+    proc = run_bench("prepare", "--vocab-size", "100")
+    assert proc.returncode != 0 and "data.vocab_size=100 is not allowed; it must be >= 260" in proc.stderr
+    proc = run_bench("prepare", "--max-files", "10", "--vocab-size", "300")  # below this corpus's alphabet
+    assert proc.returncode == 2 and "too small for this corpus's alphabet" in proc.stderr
