@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.alibi import slopes as alibi_slopes
 from pretrain.attention import alibi_attention
 from pretrain.config import ModelConfig
+from pretrain.loss import linear_cross_entropy
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -209,10 +210,14 @@ class GPT(nn.Module):
         offset: int = 0,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, L, vocab]``, or with ``targets`` ``[B, L]`` the mean cross-entropy (ignore index -100)."""
-        logits = F.linear(self.hidden_states(input_ids, offset, positions), self.word_embeddings.weight)  # tied
-        if targets is None:
-            return logits
-        if targets.shape != input_ids.shape:
+        """Logits ``[B, L, vocab]``, or with ``targets`` ``[B, L]`` the mean cross-entropy (ignore index -100).
+
+        The loss never builds the logits tensor (``pretrain.loss``); the output projection is tied to the
+        word embeddings.
+        """
+        if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        hidden = self.hidden_states(input_ids, offset, positions)
+        if targets is None:
+            return F.linear(hidden, self.word_embeddings.weight)
+        return linear_cross_entropy(hidden, self.word_embeddings.weight, targets)

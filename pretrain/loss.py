@@ -1,0 +1,81 @@
+"""The language-model loss without the logits tensor: the tied output projection fused with cross-entropy.
+
+``logits = hidden @ weight.T`` is ``vocab / d_model`` times larger than the hidden states (64x for the
+tiny model, 10x for 125m), and autograd keeps it in float32 together with its log-softmax and their
+gradients: four ``vocab`` floats a token, the largest activation of a small model. Here the tokens go
+through in chunks of at most ``CHUNK_ELEMENTS`` logits; each chunk's gradient (``softmax - onehot``) is
+taken right away in the forward pass and turned into the gradients of the hidden states and of the weight,
+so only one chunk's logits ever exist. The backward pass then only scales those gradients. The arithmetic
+is the same as ``F.cross_entropy(F.linear(hidden, weight).float(), targets)``: logits in the input dtype,
+softmax in float32, matrix products in the input dtype, the weight's gradient summed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+# Logits per chunk: 2^22 float32 = 16 MiB (512 tokens of a 8192-token vocabulary). Larger chunks were no
+# faster on a 2-core CPU; on a GPU they amortize launches, hence the larger value there.
+CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS_CUDA = 1 << 25
+
+
+def chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    budget = CHUNK_ELEMENTS_CUDA if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, budget // vocab_size)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, with_grads):
+        count = (targets != IGNORE_INDEX).sum()
+        # A batch of only ignored targets has no mean: nan, as F.cross_entropy gives.
+        inv_count = 1.0 / count.clamp(min=1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            t = targets[start : start + chunk]
+            valid = t != IGNORE_INDEX
+            safe_t = torch.where(valid, t, 0).unsqueeze(1)
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=1)
+            picked = logits.gather(1, safe_t).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if with_grads:
+                # d(mean loss)/d(logits) = (softmax - onehot) / count on valid rows, 0 on ignored ones.
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs.scatter_add_(1, safe_t, torch.full_like(picked, -1.0).unsqueeze(1))
+                probs.mul_((valid * inv_count).unsqueeze(1))
+                g = probs.to(hidden.dtype)
+                torch.mm(g, weight, out=grad_hidden[start : start + chunk])
+                if g.dtype == torch.float32:
+                    grad_weight.addmm_(g.t(), h)
+                else:
+                    grad_weight += (g.t() @ h).float()
+        loss = torch.where(count > 0, total * inv_count, torch.full_like(total, float("nan")))
+        if with_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (ignore index -100), chunked.
+
+    hidden: ``[..., d]``; weight: ``[vocab, d]``; targets: int64 of ``hidden``'s leading shape.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{targets.shape[0]} targets for {hidden.shape[0]} hidden states")
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    chunk = chunk_tokens(weight.shape[0], hidden.device)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, with_grads)
