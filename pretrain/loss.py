@@ -16,8 +16,8 @@ import torch
 
 IGNORE_INDEX = -100
 
-# Logits per chunk: 2^22 float32 = 16 MiB (512 tokens of a 8192-token vocabulary). Larger chunks were no
-# faster on a 2-core CPU; on a GPU they amortize launches, hence the larger value there.
+# Logits per chunk: 2^22 float32 = 16 MiB (512 tokens of a 8192-token vocabulary), the only chunk-sized
+# buffer. Larger chunks were no faster on a 2-core CPU; on a GPU they amortize launches.
 CHUNK_ELEMENTS = 1 << 22
 CHUNK_ELEMENTS_CUDA = 1 << 25
 
@@ -41,15 +41,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + chunk]
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
+            # One chunk-sized buffer: the logits become exp(logits - max) and then the softmax in place.
             logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=1)
             picked = logits.gather(1, safe_t).squeeze(1)
+            row_max = logits.amax(dim=1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            sums = exps.sum(dim=1, keepdim=True)
+            lse = (row_max + sums.log()).squeeze(1)
             total += ((lse - picked) * valid).sum()
             if with_grads:
                 # d(mean loss)/d(logits) = (softmax - onehot) / count on valid rows, 0 on ignored ones.
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()
-                probs.scatter_add_(1, safe_t, torch.full_like(picked, -1.0).unsqueeze(1))
-                probs.mul_((valid * inv_count).unsqueeze(1))
+                probs = exps.mul_((valid * inv_count).unsqueeze(1) / sums)
+                probs.scatter_add_(1, safe_t, (-(valid * inv_count)).unsqueeze(1).to(probs.dtype))
                 g = probs.to(hidden.dtype)
                 torch.mm(g, weight, out=grad_hidden[start : start + chunk])
                 if g.dtype == torch.float32:

@@ -80,6 +80,28 @@ class RssPeakMemory:
         return max(0, _proc_status_bytes("VmHWM") - self.baseline)
 
 
+def preload_framework_code(zero_stage: int) -> None:
+    """Import what the optimizer and DeepSpeed load on first use, so a meter started after this sees tensors.
+
+    The optimizer's first construction imports TorchDynamo (~80 MiB of code on a CPU); DeepSpeed's ZeRO-1/2/3
+    optimizers import their Muon and expert-parallel support, which bring TorchInductor and networkx (~45 MiB).
+    """
+    import importlib
+
+    import torch._dynamo  # noqa: F401
+
+    if zero_stage >= 1:
+        for name in (
+            "deepspeed.runtime.zero.muon",
+            "deepspeed.module_inject.auto_ep_layer",
+            "torch._inductor.compile_fx",
+        ):
+            try:
+                importlib.import_module(name)
+            except ImportError:  # a DeepSpeed without it does not load it either
+                pass
+
+
 def peak_memory_meter(device: torch.device):
     """The meter for ``device``: ``start()``, then ``peak_extra_bytes()``."""
     return CudaPeakMemory(device) if device.type == "cuda" else RssPeakMemory()

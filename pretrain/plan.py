@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pretrain.config import Config, ModelConfig
+from pretrain.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
 from pretrain.flops import flops_per_token
+from pretrain.loss import chunk_tokens
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -53,7 +57,7 @@ class Plan:
     zero_stage: int
     precision: str
     activation_checkpointing: bool
-    memory: dict  # bytes per device: parameters, gradients, optimizer, activations, activations_other_mode
+    memory: dict  # bytes per device: model states, activations (both modes), buffers, and phases (peak_bytes)
 
     @property
     def sequences_per_step(self) -> int:
@@ -65,18 +69,24 @@ class Plan:
 
     @property
     def total_memory(self) -> int:
-        return sum(self.memory[k] for k in ("parameters", "gradients", "optimizer", "activations"))
+        """The peak per device: parameters and optimizer state, plus the largest phase of a step."""
+        return self.memory["parameters"] + self.memory["optimizer"] + max(self.memory["phases"].values())
 
 
 def model_state_bytes(n_params: int, precision: str, zero_stage: int, shards: int) -> dict:
-    """Parameters, gradients and Adam state per device (ZeRO paper, section 3).
+    """Parameters, gradients and optimizer state per device, as DeepSpeed keeps them.
 
-    Mixed precision keeps 16-bit parameters and gradients and an fp32 master copy with Adam's two moments
-    (2 + 2 + 12 bytes a parameter); fp32 keeps 4 + 4 + 8. ZeRO-1 shards the optimizer state, ZeRO-2 also
-    the gradients, ZeRO-3 also the parameters, over ``shards`` ranks (data x sequence parallel).
+    The ZeRO paper's accounting (section 3): mixed precision keeps 16-bit parameters and gradients and a
+    float32 master copy with Adam's two moments (2 + 2 + 12 bytes a parameter). ZeRO-1 shards the optimizer
+    state, ZeRO-2 also the gradients, ZeRO-3 also the parameters, over ``shards`` ranks (data x sequence
+    parallel). Two DeepSpeed specifics: its ZeRO optimizers keep the float32 master partition even when
+    the model itself is float32 (4 + 4 + 12), and at ZeRO-0 its bf16 optimizer accumulates gradients in a
+    float32 buffer beside the 16-bit ones (2 + 6 + 12).
     """
     mixed = precision in ("bf16", "fp16")
-    param_b, grad_b, optim_b = (2, 2, 12) if mixed else (4, 4, 8)
+    param_b = 2 if mixed else 4
+    grad_b = param_b + (4 if mixed and zero_stage == 0 else 0)
+    optim_b = 12 if mixed or zero_stage >= 1 else 8
     return {
         "parameters": param_b * n_params // (shards if zero_stage >= 3 else 1),
         "gradients": grad_b * n_params // (shards if zero_stage >= 2 else 1),
@@ -84,20 +94,56 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, shards: in
     }
 
 
+def communication_bytes(n_params: int, precision: str, zero_stage: int, world_size: int, bucket: int) -> dict:
+    """DeepSpeed's gradient and parameter staging buffers (bytes per device), by phase of the step.
+
+    ``reduce``: ZeRO-0 flattens the gradients into all-reduce buckets (nothing with one rank: the engine's
+    all-reduce is off then); ZeRO-1/2/3 allocate a ``reduce_bucket_size`` bucket (capped at the model's
+    size), float32 at ZeRO-1 and in the model's dtype above. ``gather``: after the optimizer step ZeRO-1/2
+    gather the updated parameter partitions into one full copy and pass the optimizer a float32 copy of
+    their gradient partition (measured on CPU with gloo).
+    """
+    param_b = 2 if precision in ("bf16", "fp16") else 4
+    if zero_stage == 0:
+        reduce = param_b * min(n_params, bucket) if world_size > 1 else 0
+    else:
+        reduce = (4 if zero_stage == 1 else param_b) * min(n_params, bucket)
+    gather = param_b * n_params + 4 * n_params // world_size if zero_stage in (1, 2) else 0
+    return {"reduce": reduce, "gather": gather}
+
+
 def activation_bytes(cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool) -> int:
     """Peak activation memory of one micro-batch of ``tokens`` tokens on one device.
 
     Blocks: ``layer_activation_floats`` per token and layer (with activation checkpointing, only each
-    block's input is kept, plus one block's full set while it is recomputed). The loss peaks early in the
-    backward pass at four ``vocab`` floats a token in float32 (the loss is computed in float32 whatever the
-    model's precision): the saved log-softmax, the gradient arriving from the loss, ``exp`` of the
-    log-softmax and the logits' gradient. Embedding output, its LayerNorm and the final LayerNorm keep 3
-    more ``d_model`` floats a token.
+    block's input is kept, plus one block's full set while it is recomputed). Embedding output, its
+    LayerNorm and the final LayerNorm keep 3 more ``d_model`` floats a token. The loss never holds the
+    logits (``pretrain.loss``): it keeps the hidden states' gradient, a float32 gradient of the output
+    weight, and works on one chunk of float32 logits at a time (the BLAS copies it once more to take the
+    weight's gradient).
     """
     act_b = 2 if precision in ("bf16", "fp16") else 4
     per_layer = layer_activation_floats(cfg)
     blocks = cfg.d_model * cfg.n_layer + per_layer if checkpointing else per_layer * cfg.n_layer
-    return tokens * ((blocks + 3 * cfg.d_model) * act_b + 4 * cfg.vocab_size * 4)
+    chunk = min(tokens, chunk_tokens(cfg.vocab_size, torch.device("cpu")))
+    loss = tokens * cfg.d_model * act_b + 4 * cfg.vocab_size * cfg.d_model + 2 * 4 * chunk * cfg.vocab_size
+    return tokens * (blocks + 3 * cfg.d_model) * act_b + loss
+
+
+def peak_bytes(memory: dict, zero_stage: int, grad_accum: int) -> dict:
+    """What is live beside the parameters and optimizer state at the end of each phase of a step.
+
+    Forward: the activations, with the gradients of earlier micro-batches when they accumulate (ZeRO-2
+    keeps only its partition between micro-batches, ZeRO-0/1 the full gradients). Backward: activations
+    are freed layer by layer as gradients appear, so its peak is the gradients and the reduce buffer.
+    Step: the gradients and the gather buffers.
+    """
+    carried = memory["gradients"] if grad_accum > 1 else 0
+    return {
+        "forward": memory["activations"] + carried,
+        "backward": memory["gradients"] + memory["reduce"],
+        "step": memory["gradients"] + memory["gather"],
+    }
 
 
 def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Plan:
@@ -112,6 +158,10 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
     memory["activations_other_mode"] = activation_bytes(
         model, tokens_per_rank, t.precision, not t.activation_checkpointing
     )
+    zero = deepspeed_config(t, dp, sp, n)["zero_optimization"]
+    bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET_ELEMENTS) if t.zero_stage else DEEPSPEED_BUCKET_ELEMENTS
+    memory.update(communication_bytes(n, t.precision, t.zero_stage, dp * sp, int(bucket)))
+    memory["phases"] = peak_bytes(memory, t.zero_stage, t.grad_accum)
     return Plan(
         world_size=world_size,
         dp_size=dp,
@@ -150,6 +200,11 @@ def format_plan(plan: Plan) -> str:
         f"  optimizer    {_size(m['optimizer']):>12}",
         f"  activations  {_size(m['activations']):>12}  ({this} activation checkpointing; "
         f"{other}: {_size(m['activations_other_mode'])})",
-        f"  total        {_size(plan.total_memory):>12}  (plus framework buffers and fragmentation)",
+        f"  reduce buffer{_size(m['reduce']):>13}  (DeepSpeed's gradient bucket)",
+        f"  gather buffer{_size(m['gather']):>13}  (ZeRO-1/2: updated parameters gathered after the step)",
+        "  peak by phase: "
+        + ", ".join(f"{name} {_size(v)}" for name, v in m["phases"].items())
+        + " (beside the parameters and optimizer state)",
+        f"  total        {_size(plan.total_memory):>12}  (the largest phase; plus allocator fragmentation)",
     ]
     return "\n".join(lines)

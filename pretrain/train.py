@@ -21,7 +21,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
 from pretrain.distributed import DistContext, build_parallel_groups, ensure_process_group
 from pretrain.flops import flops_per_token, mfu, peak_flops
-from pretrain.memory import MIB, peak_memory_meter
+from pretrain.memory import MIB, peak_memory_meter, preload_framework_code
 from pretrain.model import GPT
 from pretrain.monitor import Monitor
 from pretrain.optim import build_optimizer
@@ -139,11 +139,9 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         found = checkpoints.to_universal(*found)
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
 
-    # What the model, optimizer and steps add to this process's memory (compared with the plan). The
-    # optimizer's first construction imports TorchDynamo (~80 MiB of code on a CPU): that is the framework's,
-    # so it happens before the baseline.
-    import torch._dynamo  # noqa: F401
-
+    # What the model, optimizer and steps add to this process's memory (compared with the plan). Code the
+    # framework loads on first use is not the run's: it is loaded before the baseline.
+    preload_framework_code(tcfg.zero_stage)
     memory = peak_memory_meter(ctx.device)
     memory.start()
     # The same seed on every rank gives every rank the same initial weights.
@@ -155,13 +153,17 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         layout = apply_sequence_parallel(model, groups.sp_group, pcfg.sp_mode, model_cfg.seq_len, pcfg.zigzag)
     n_params = model.num_parameters()
     optimizer, scheduler = build_optimizer(model, tcfg)
-    ds_config = deepspeed_config(tcfg, dp_size, groups.sp_size)
+    ds_config = deepspeed_config(tcfg, dp_size, groups.sp_size, n_params)
     loss_scale = sequence_loss_scale(tcfg.zero_stage, groups.sp_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=groups.mpu
     )
+    if ctx.world_size == 1 and tcfg.zero_stage == 0:
+        # Nothing to all-reduce with one rank, but DeepSpeed would still copy every gradient into a flat
+        # buffer and back after each backward pass: a full extra gradient's memory and time.
+        engine.enable_backward_allreduce = False
     if tcfg.compile:
         engine.compile()
     loader = TokenWindowLoader(

@@ -34,9 +34,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_pretrain(args: list[str], cwd: Path, ranks: int = 1, timeout: int = 600, check: bool = True):
-    """``python -m pretrain ARGS``, or ``deepspeed --num_gpus RANKS --module pretrain ARGS``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+def run_pretrain(
+    args: list[str], cwd: Path, ranks: int = 1, timeout: int = 600, check: bool = True, env: dict | None = None
+):
+    """``python -m pretrain ARGS``, or ``deepspeed --num_gpus RANKS --module pretrain ARGS``; ``env`` is added."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, **(env or {})}
     env.update(PYTHONUNBUFFERED="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     if ranks == 1:
         command = [sys.executable, "-m", "pretrain", *args]
