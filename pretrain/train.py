@@ -92,6 +92,13 @@ def grad_norm_stage0(model: torch.nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
+def skip_lone_allreduce(engine, world_size: int, zero_stage: int) -> None:
+    """One rank at ZeRO-0 has nothing to all-reduce, but DeepSpeed would still copy every gradient into a
+    flat buffer and back after each backward pass: a full extra gradient's memory and time."""
+    if world_size == 1 and zero_stage == 0:
+        engine.enable_backward_allreduce = False
+
+
 def forward_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, layout: SequenceLayout | None):
     """Mean loss of this rank's tokens: the whole sequences, or its shard of them under sequence parallelism."""
     if layout is None:
@@ -160,10 +167,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=groups.mpu
     )
-    if ctx.world_size == 1 and tcfg.zero_stage == 0:
-        # Nothing to all-reduce with one rank, but DeepSpeed would still copy every gradient into a flat
-        # buffer and back after each backward pass: a full extra gradient's memory and time.
-        engine.enable_backward_allreduce = False
+    skip_lone_allreduce(engine, ctx.world_size, tcfg.zero_stage)
     if tcfg.compile:
         engine.compile()
     loader = TokenWindowLoader(

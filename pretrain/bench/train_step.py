@@ -149,6 +149,7 @@ class OursStep:
         from pretrain.deepspeed_config import deepspeed_config
         from pretrain.model import GPT
         from pretrain.optim import build_optimizer
+        from pretrain.train import skip_lone_allreduce
 
         self.tcfg = TrainConfig(
             max_steps=params.warmup + params.steps,
@@ -164,8 +165,12 @@ class OursStep:
         self.n_params = model.num_parameters()
         optimizer, scheduler = build_optimizer(model, self.tcfg)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(self.tcfg, 1)
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.tcfg, 1, n_params=self.n_params),
         )
+        skip_lone_allreduce(self.engine, 1, 0)
 
     def __call__(self, tokens: torch.Tensor) -> float:
         from pretrain.train import forward_loss, grad_norm_stage0
