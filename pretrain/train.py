@@ -179,10 +179,11 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         dp_rank=groups.dp_rank,
         dp_size=dp_size,
     )
-    start_step = 0
+    start_step, resumed_loss = 0, math.nan
     if found is not None:
         client_state = checkpoints.load(engine, *found)
         start_step = client_state["step"]
+        resumed_loss = client_state.get("loss", math.nan)
         loader.load_state_dict(client_state["loader"])
 
     def validation_batches():
@@ -213,7 +214,13 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     )
     stopper = StopSignal(tcfg.stop_at_step, time_limit_s, ctx)
     wall_start = time.monotonic()
-    step, loss_value = start_step, math.nan
+    step, loss_value = start_step, resumed_loss
+    if start_step >= tcfg.max_steps:
+        loss_note = "" if math.isnan(loss_value) else f" (loss {loss_value:.4f})"
+        monitor.write(
+            f"already trained: the checkpoint is at step {start_step} of train.max_steps={tcfg.max_steps}"
+            f"{loss_note}; raise train.max_steps to train on"
+        )
     try:
         while step < tcfg.max_steps:
             started = time.perf_counter()
@@ -252,7 +259,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                 monitor.log_eval(step, validation_loss(engine, validation_batches(), ctx, layout))
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
-                checkpoints.save(engine, step, {"step": step, "loader": loader.state_dict()})
+                checkpoints.save(engine, step, {"step": step, "loader": loader.state_dict(), "loss": loss_value})
             if stopping:
                 monitor.write(
                     f"stopped after step {step} ({stopper.reason}); checkpoint saved, resume with the same command"
@@ -261,6 +268,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         finished = step >= tcfg.max_steps
         if finished:
             weights = save_weights(engine.module, model_cfg, run_dir / "checkpoints", ctx, tcfg.zero_stage)
+        if finished and step > start_step:
             monitor.write(
                 f"trained {step} steps ({step * tokens_per_step:,} tokens) in {time.monotonic() - wall_start:.0f} s: "
                 f"loss {loss_value:.4f}; weights in {weights}"

@@ -62,6 +62,10 @@ def test_resumed_run_is_the_uninterrupted_run_and_old_checkpoints_are_pruned(wor
     assert sorted(got) == list(range(1, 21))
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+    _, again = train(workdir, "stopped", *common)  # once more: nothing left to train
+    out = again.stdout + again.stderr
+    assert "already trained: the checkpoint is at step 20 of train.max_steps=20" in out and "nan" not in out
+    assert len(losses(stopped)) == 20
     kept = sorted(p.name for p in (straight / "checkpoints").glob("step_*"))
     assert kept == ["step_00000015", "step_00000020"]
     assert (straight / "checkpoints" / "latest").read_text() == "step_00000020"
