@@ -36,13 +36,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+        # One chunk-sized buffer for all chunks (a fresh 16 MiB block would cost its page faults every time):
+        # the logits become exp(logits - max) and then the softmax in place.
+        buffer = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
-            # One chunk-sized buffer: the logits become exp(logits - max) and then the softmax in place.
-            logits = (h @ weight.t()).float()
+            logits = buffer[: h.shape[0]]
+            if h.dtype == torch.float32:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                logits.copy_(h @ weight.t())
             picked = logits.gather(1, safe_t).squeeze(1)
             row_max = logits.amax(dim=1, keepdim=True)
             exps = logits.sub_(row_max).exp_()
