@@ -56,6 +56,7 @@ def init_distributed() -> DistContext:
 
 
 def shutdown_distributed() -> None:
+    _GROUPS.clear()  # they belong to the process group destroyed here
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -96,14 +97,23 @@ class ParallelGroups:
     mpu: object = None
 
 
+# The groups built in this process, by sp_size: DeepSpeed's mpu can be initialized only once, and stage=all
+# needs the same groups in the train and the eval stage.
+_GROUPS: dict[int, ParallelGroups] = {}
+
+
 def build_parallel_groups(ctx: DistContext, sp_size: int) -> ParallelGroups:
-    """Build the process groups once, from the config; all ranks call it."""
+    """Build the process groups once, from the config; all ranks call it. Later calls return the same groups."""
     if sp_size == 1:
         return ParallelGroups(dp_rank=ctx.rank, dp_size=ctx.world_size)
+    if sp_size in _GROUPS:
+        return _GROUPS[sp_size]
+    if _GROUPS:
+        raise RuntimeError(f"sequence-parallel groups of {next(iter(_GROUPS))} ranks exist; cannot build {sp_size}")
     from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
 
     mpu.initialize_sequence_parallel(sp_size)
-    return ParallelGroups(
+    _GROUPS[sp_size] = ParallelGroups(
         dp_rank=ctx.rank // sp_size,
         dp_size=ctx.world_size // sp_size,
         sp_rank=ctx.rank % sp_size,
@@ -111,3 +121,4 @@ def build_parallel_groups(ctx: DistContext, sp_size: int) -> ParallelGroups:
         sp_group=mpu.get_sequence_parallel_group(),
         mpu=mpu,
     )
+    return _GROUPS[sp_size]

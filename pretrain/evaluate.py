@@ -10,8 +10,12 @@ on?); and the loss by position inside the window. Then passkey retrieval (``pret
 Nothing L x L is built: attention is the fused kernel, logits are formed a few thousand rows at a time from
 the final hidden states, and each length runs ``eval.batch_tokens // L`` windows per forward pass. Under
 several ranks the windows and passkey trials are dealt out round-robin and the sums all-reduced, so the
-numbers do not depend on the number of ranks. Rank 0 writes ``<run_dir>/eval/``: ``results.json``,
-``ppl_vs_length.png``, ``loss_vs_position.png``, ``passkey.png``.
+numbers do not depend on the number of ranks. With ``parallel.sp_size=P > 1`` each window is split over the P
+ranks of a sequence-parallel group instead (Ulysses or ring attention, global positions, as in training):
+every rank scores the predictions of its shard, the windows are dealt out over the world / P groups, and the
+same sums are all-reduced, so a length too long for one rank's memory can be scored on P. Passkey prompts stay
+whole on one rank (dealt over all ranks): only their last logits are needed. Rank 0 writes
+``<run_dir>/eval/``: ``results.json``, ``ppl_vs_length.png``, ``loss_vs_position.png``, ``passkey.png``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,9 +37,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain.checkpoint import MODEL_CONFIG, WEIGHTS, load_weights
-from pretrain.config import Config, ConfigError, EvalConfig, ModelConfig
-from pretrain.distributed import DistContext
+from pretrain.config import Config, ConfigError, EvalConfig, ModelConfig, ParallelConfig
+from pretrain.distributed import DistContext, ParallelGroups, build_parallel_groups
+from pretrain.memory import MIB, peak_memory_meter, reset_rss_high_water_mark
 from pretrain.model import GPT
+from pretrain.sequence_parallel import SequenceLayout, check_world_split, sequence_parallel_attention, sequence_parts
 from pretrain.stages import PipelineError
 from pretrain.windows import Window, WindowError, default_stride, make_windows, shard, shared_region
 
@@ -154,13 +162,16 @@ def load_model(source: ModelSource, corpus, device: torch.device) -> tuple[GPT, 
 # ---------------------------------------------------------------- scoring windows
 
 
-def token_losses(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_losses(
+    model: GPT, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy of every prediction, float32 ``[B, L]``, from int64 ``inputs``/``targets`` ``[B, L]``.
 
-    The logits are formed ``LOGIT_ROWS`` rows at a time: a ``[B * L, vocab]`` tensor would dominate memory
-    at long lengths.
+    ``positions`` ``[L]``: the global positions of a sequence-parallel shard (the installed attention then
+    sees the rest of the window through its group). The logits are formed ``LOGIT_ROWS`` rows at a time: a
+    ``[B * L, vocab]`` tensor would dominate memory at long lengths.
     """
-    hidden = model.hidden_states(inputs)
+    hidden = model.hidden_states(inputs, positions=positions)
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     out = torch.empty(flat_targets.shape, dtype=torch.float32, device=hidden.device)
@@ -196,36 +207,52 @@ class Scores:
         if ctx.world_size > 1:
             packed = torch.from_numpy(
                 np.concatenate([[self.loss_sum, self.tokens], self.position_loss, self.position_tokens])
-            ).to(torch.float64)
+            ).to(ctx.device, torch.float64)  # NCCL reduces only device tensors
             dist.all_reduce(packed)
-            values = packed.numpy()
+            values = packed.cpu().numpy()
             self.loss_sum, self.tokens = float(values[0]), int(round(values[1]))
             self.position_loss = values[2 : 2 + self.length].copy()
             self.position_tokens = np.rint(values[2 + self.length :]).astype(np.int64)
         return self
 
 
-def score_windows(tokens: np.ndarray, windows: list[Window], losses_fn, batch_size: int, device="cpu") -> Scores:
+def score_windows(
+    tokens: np.ndarray,
+    windows: list[Window],
+    losses_fn,
+    batch_size: int,
+    device="cpu",
+    layout: SequenceLayout | None = None,
+) -> Scores:
     """Sum the scored predictions of ``windows`` over the token stream ``tokens`` ``[n]``.
 
     ``losses_fn(inputs, targets)`` maps int64 ``[B, L]`` to per-prediction losses ``[B, L]``; windows run
-    ``batch_size`` at a time. Only positions ``window.score_from ..`` count.
+    ``batch_size`` at a time. Only positions ``window.score_from ..`` count. With a sequence-parallel
+    ``layout``, ``losses_fn(inputs, targets, positions)`` gets this rank's shard of each window and only its
+    predictions are summed (each at its position in the window): the group's sums add up to the whole windows'.
     """
     assert windows, "no windows to score"
     length = windows[0].length
     scores = Scores(length)
+    positions = np.arange(length) if layout is None else layout.positions().numpy()
     for first in range(0, len(windows), batch_size):
         batch = windows[first : first + batch_size]
         assert all(w.length == length for w in batch)
         rows = np.stack([np.asarray(tokens[w.start : w.start + length + 1], dtype=np.int64) for w in batch])
-        ids = torch.from_numpy(rows).to(device)
-        losses = losses_fn(ids[:, :-1], ids[:, 1:]).double().cpu().numpy()
-        for w, row in zip(batch, losses):
-            scored = row[w.score_from :]
-            scores.loss_sum += float(scored.sum())
-            scores.tokens += len(scored)
-            scores.position_loss[w.score_from :] += scored
-            scores.position_tokens[w.score_from :] += 1
+        ids = torch.from_numpy(rows)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        if layout is None:
+            losses = losses_fn(inputs.to(device), targets.to(device))
+        else:
+            shard_positions = layout.positions(device)
+            losses = losses_fn(layout.shard(inputs).to(device), layout.shard(targets).to(device), shard_positions)
+        for w, row in zip(batch, losses.double().cpu().numpy()):
+            scored = positions >= w.score_from
+            scores.loss_sum += float(row[scored].sum())
+            scores.tokens += int(scored.sum())
+            # Positions are distinct within a row, so this fancy-indexed add counts each once.
+            scores.position_loss[positions[scored]] += row[scored]
+            scores.position_tokens[positions[scored]] += 1
     return scores
 
 
@@ -256,6 +283,92 @@ def ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+# ---------------------------------------------------------------- how the ranks share the work
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """Windows dealt round-robin over the data-parallel groups; with ``sp_size > 1`` each window's tokens split
+    over the ranks of a sequence-parallel group (``parallel.sp_mode``, ``parallel.zigzag``)."""
+
+    groups: ParallelGroups
+    mode: str = "ulysses"
+    zigzag: bool = False
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.groups.sp_size > 1
+
+    def windows(self, windows: list[Window]) -> list[Window]:
+        """This rank's windows: every rank of a sequence-parallel group gets the same ones."""
+        return shard(windows, self.groups.dp_rank, self.groups.dp_size)
+
+    def batch_size(self, batch_tokens: int, length: int) -> int:
+        """Windows per forward pass: each rank holds ``length / sp_size`` tokens of each, at most ``batch_tokens``
+        in all (and at least one window)."""
+        return max(1, batch_tokens * self.groups.sp_size // length)
+
+    @contextmanager
+    def layout(self, model: GPT, length: int) -> Iterator[SequenceLayout | None]:
+        """The sequence-parallel attention installed for windows of ``length`` (None without sequence parallelism)."""
+        if not self.sequence_parallel:
+            yield None
+            return
+        with sequence_parallel_attention(model, self.groups.sp_group, self.mode, length, self.zigzag) as layout:
+            yield layout
+
+    def describe(self) -> dict:
+        return {
+            "sp_size": self.groups.sp_size,
+            "sp_mode": self.mode if self.sequence_parallel else None,
+            "zigzag": self.sequence_parallel and self.mode == "ring" and self.zigzag,
+            "data_parallel_groups": self.groups.dp_size,
+        }
+
+
+def check_eval_split(lengths: list[int], explicit: bool, seq_len: int, heads: dict[str, int], pcfg, world_size: int):
+    """Raise ConfigError, before any work, when ``parallel.*`` cannot split the eval windows.
+
+    Every length must cut into equal chunks (a multiple of ``sp_size``, or ``2 * sp_size`` for the zigzag ring);
+    a length that cannot is an error, not a skip: the user asked for it, and a curve silently missing a point
+    reads as a result. ``heads`` maps each evaluated model's name to its head count (Ulysses splits heads).
+    """
+    if pcfg.sp_size == 1:
+        return
+    parts = sequence_parts(pcfg.sp_size, pcfg.sp_mode, pcfg.zigzag)
+    bad = [length for length in lengths if length % parts]
+    if bad:
+        if parts == pcfg.sp_size:
+            rule = f"a multiple of parallel.sp_size={pcfg.sp_size} ({pcfg.sp_mode}: one equal chunk per rank)"
+        else:
+            rule = f"a multiple of 2 * parallel.sp_size = {parts} (zigzag ring: two equal chunks per rank)"
+        multiples = ", ".join(map(str, LENGTH_MULTIPLES))
+        where = (
+            "eval.lengths holds"
+            if explicit
+            else f"the default eval lengths (model.seq_len={seq_len} x {multiples}) hold"
+        )
+        near = " or ".join(str(n) for n in (bad[0] // parts * parts, -(-bad[0] // parts) * parts) if n > 0)
+        listed = ", ".join(map(str, bad))
+        raise ConfigError(
+            f"{where} {listed}: with each window split over {pcfg.sp_size} ranks every eval length must be {rule}; "
+            f"for {bad[0]} use {near} (or parallel=none to score whole windows on each rank)"
+        )
+    if pcfg.sp_mode == "ulysses":
+        for name, n_head in heads.items():
+            if n_head % pcfg.sp_size:
+                raise ConfigError(
+                    f"{name} has model.n_head={n_head}, not divisible by parallel.sp_size={pcfg.sp_size}; Ulysses "
+                    "gives each rank n_head / sp_size whole heads (use parallel.sp_mode=ring, or another sp_size)"
+                )
+    check_world_split(world_size, pcfg.sp_size)
+
+
+def make_split(pcfg: ParallelConfig, ctx: DistContext) -> EvalSplit:
+    """The process groups of ``parallel.*`` (the train stage's, when it ran in this process)."""
+    return EvalSplit(build_parallel_groups(ctx, pcfg.sp_size), pcfg.sp_mode, pcfg.zigzag)
+
+
 # ---------------------------------------------------------------- one model, every length
 
 
@@ -278,23 +391,32 @@ def max_positions(model_cfg: ModelConfig) -> int | None:
     return (model_cfg.max_positions or model_cfg.seq_len) if model_cfg.pos_encoding == "learned" else None
 
 
-def score_length(model: GPT, tokens, windows, length: int, batch_size: int, window: int | None, ctx) -> Scores:
-    """This rank's windows of one length scored (attention limited to ``window`` keys when set), summed over ranks."""
+def score_length(
+    model: GPT, tokens, windows, length: int, batch_size: int, window: int | None, ctx, layout=None
+) -> Scores:
+    """This rank's windows of one length scored (attention limited to ``window`` keys when set), summed over ranks.
+
+    Under sequence parallelism (``layout``) this rank scores its shard of each window; the sum over all ranks
+    is still each window scored once.
+    """
     device = next(model.parameters()).device
     model.set_attention_window(window)
     try:
         with torch.inference_mode():
             losses_fn = partial(token_losses, model)
-            local = score_windows(tokens, windows, losses_fn, batch_size, device) if windows else Scores(length)
+            local = score_windows(tokens, windows, losses_fn, batch_size, device, layout) if windows else Scores(length)
     finally:
         model.set_attention_window(None)
     return local.all_reduce(ctx)
 
 
-def evaluate_model(model: GPT, model_cfg: ModelConfig, tokens: np.ndarray, ecfg: EvalConfig, lengths, ctx, say):
+def evaluate_model(
+    model: GPT, model_cfg: ModelConfig, tokens: np.ndarray, ecfg: EvalConfig, lengths, ctx, say, split: EvalSplit
+):
     """Score one model at every length: ``(results, skipped, loss_by_position)`` as results.json holds them."""
     results, skipped, by_position = [], [], []
     limit = max_positions(model_cfg)
+    _warm_up(model, split, limit)
     # Under eval.max_tokens, regions of the longest length: every length scores the same tokens.
     region = shared_region(lengths, len(tokens))
     for length in lengths:
@@ -314,10 +436,12 @@ def evaluate_model(model: GPT, model_cfg: ModelConfig, tokens: np.ndarray, ecfg:
             skipped.append({"length": length, "reason": reason})
             say(f"  warning: length {length} skipped: {reason} (raise data.val_fraction or lower eval.lengths)")
             continue
-        batch_size = max(1, ecfg.batch_tokens // length)
-        mine = shard(windows, ctx.rank, ctx.world_size)
+        batch_size = split.batch_size(ecfg.batch_tokens, length)
+        mine = split.windows(windows)
         started = time.perf_counter()
-        full = score_length(model, tokens, mine, length, batch_size, None, ctx)
+        meter = _memory_meter(model)
+        with split.layout(model, length) as layout:
+            full, windowed = _score_both(model, model_cfg, tokens, mine, length, batch_size, ecfg, ctx, layout)
         entry = {
             "length": length,
             "loss": full.loss,
@@ -328,14 +452,9 @@ def evaluate_model(model: GPT, model_cfg: ModelConfig, tokens: np.ndarray, ecfg:
         }
         if stride is not None:
             entry["stride"] = stride
+        entry["peak_mib"] = _peak_mib(meter, ctx)
         curve = {"length": length, "bins": binned_positions(full)}
-        if ecfg.window_control:
-            # Within the training length the window changes nothing: the same numbers, not computed twice.
-            windowed = (
-                score_length(model, tokens, mine, length, batch_size, model_cfg.seq_len, ctx)
-                if length > model_cfg.seq_len
-                else full
-            )
+        if windowed is not None:
             entry.update(
                 windowed_loss=windowed.loss,
                 windowed_ppl=ppl(windowed.loss),
@@ -353,6 +472,52 @@ def evaluate_model(model: GPT, model_cfg: ModelConfig, tokens: np.ndarray, ecfg:
             f"in {len(windows)} windows, {seconds:.1f} s"
         )
     return results, skipped, by_position
+
+
+def _warm_up(model: GPT, split: EvalSplit, limit: int | None) -> None:
+    """One tiny forward pass through the same path (kernels, communication) before any length is measured, so
+    the first length's ``peak_mib`` is its windows' memory, not one-off set-up (thread pools, comm buffers)."""
+    device = next(model.parameters()).device
+    length = 8 * sequence_parts(split.groups.sp_size, split.mode, split.zigzag)
+    if limit is not None and length > limit:  # a learned table too short for it: no warm-up
+        return
+    ids = torch.zeros(1, length, dtype=torch.long)
+    with split.layout(model, length) as layout, torch.inference_mode():
+        if layout is None:
+            token_losses(model, ids.to(device), ids.to(device))
+        else:
+            token_losses(model, layout.shard(ids).to(device), layout.shard(ids).to(device), layout.positions(device))
+
+
+def _memory_meter(model: GPT):
+    """A started peak-memory meter for this rank (None where the CPU's RSS high-water mark cannot be reset)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" and not reset_rss_high_water_mark():
+        return None
+    meter = peak_memory_meter(device)
+    meter.start()
+    return meter
+
+
+def _peak_mib(meter, ctx: DistContext) -> float | None:
+    """The largest peak over ranks of the memory that scoring one length added (activations, logits): with
+    each window split over P ranks its part that grows with the length shrinks about P-fold."""
+    peak = torch.tensor([-1.0 if meter is None else meter.peak_extra_bytes() / MIB], dtype=torch.float64)
+    if ctx.world_size > 1:
+        peak = peak.to(ctx.device)  # NCCL reduces only device tensors
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return None if peak.item() < 0 else round(peak.item(), 1)
+
+
+def _score_both(model, model_cfg, tokens, windows, length, batch_size, ecfg, ctx, layout):
+    """The full-context scores of one length and, with ``eval.window_control``, the windowed ones (else None)."""
+    full = score_length(model, tokens, windows, length, batch_size, None, ctx, layout)
+    if not ecfg.window_control:
+        return full, None
+    # Within the training length the window changes nothing: the same numbers, not computed twice.
+    if length <= model_cfg.seq_len:
+        return full, full
+    return full, score_length(model, tokens, windows, length, batch_size, model_cfg.seq_len, ctx, layout)
 
 
 # ---------------------------------------------------------------- passkey
@@ -421,7 +586,9 @@ def evaluate_passkey(model: GPT, model_cfg: ModelConfig, encode, lengths, too_sh
             counts[li, di, 1] += float(scores[0] > scores[1:].max())
             counts[li, di, 2] += prompt.key_offset / prompt.filler_tokens
     if ctx.world_size > 1:
+        counts = counts.to(ctx.device)  # NCCL reduces only device tensors
         dist.all_reduce(counts)
+        counts = counts.cpu()
     trials = ecfg.passkey_trials
     cells = [
         {
@@ -465,10 +632,13 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
     say = print if ctx.is_main else (lambda *args, **kwargs: None)
     ecfg = cfg.eval
     sources = resolve_sources(cfg)  # every path checked before any work
-    primary_cfg = ModelConfig(**json.loads((sources[0].weights_dir / MODEL_CONFIG).read_text()))
+    primary_cfg = _model_config(sources[0])
     # The lengths follow the (first) evaluated model's training length, not the command line's model.*.
     cfg = _with_seq_len(cfg, primary_cfg.seq_len)
     lengths = eval_lengths(cfg)
+    heads = {f"{s.name} ({s.key})": _model_config(s).n_head for s in sources}
+    check_eval_split(lengths, bool(ecfg.lengths), primary_cfg.seq_len, heads, cfg.parallel, ctx.world_size)
+    split = make_split(cfg.parallel, ctx)
     sp = load_tokenizer(corpus.tokenizer_path)
     encode = sp.encode
     if ecfg.passkey:
@@ -482,6 +652,13 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
         f"{cap} of the {len(tokens):,} validation tokens scored per length"
         + ("; windowed control on" if ecfg.window_control else "")
     )
+    if split.sequence_parallel:
+        groups = split.groups
+        say(
+            f"[eval] each window split over {groups.sp_size} ranks ({split.mode}"
+            + (", zigzag" if split.describe()["zigzag"] else "")
+            + f"), windows dealt over {groups.dp_size} group(s); passkey prompts stay whole on each rank"
+        )
     models = []
     for source in sources:
         model, model_cfg = load_model(source, corpus, ctx.device)
@@ -489,7 +666,7 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
             f"[eval] {source.name}: {model_cfg.pos_encoding} positions, trained at seq_len {model_cfg.seq_len}, "
             f"{model.num_parameters() / 1e6:.2f}M parameters ({source.weights_dir})"
         )
-        results, skipped, by_position = evaluate_model(model, model_cfg, tokens, ecfg, lengths, ctx, say)
+        results, skipped, by_position = evaluate_model(model, model_cfg, tokens, ecfg, lengths, ctx, say, split)
         entry = {
             "name": source.name,
             "source": str(source.weights_dir),
@@ -522,6 +699,7 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
             "batch_tokens": ecfg.batch_tokens,
             "window_control": ecfg.window_control,
             "world_size": ctx.world_size,
+            "sequence_parallel": split.describe(),
         },
         "validation_tokens": len(tokens),
         "corpus": str(corpus.directory),
@@ -533,6 +711,10 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
         write_outputs(cfg, report, say)
     ctx.barrier()
     return report
+
+
+def _model_config(source: ModelSource) -> ModelConfig:
+    return ModelConfig(**json.loads((source.weights_dir / MODEL_CONFIG).read_text()))
 
 
 def _with_seq_len(cfg: Config, seq_len: int) -> Config:

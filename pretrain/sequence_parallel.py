@@ -19,6 +19,8 @@ block from outside, and ``SequenceLayout`` tells the training loop which tokens 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,14 +62,25 @@ def segments_of(seq_len: int, sp_size: int, sp_rank: int, zigzag: bool) -> list[
     return [(sp_rank * chunk, chunk)]
 
 
-def check_sequence_parallel(seq_len: int, n_head: int, world_size: int, sp_size: int, mode: str, zigzag: bool):
-    """Raise ConfigError naming the value when a split cannot be made."""
+def sequence_parts(sp_size: int, mode: str, zigzag: bool) -> int:
+    """How many equal chunks a sequence is cut into: ``sp_size``, or ``2 * sp_size`` for the zigzag ring (Ulysses
+    ignores ``zigzag``). A sequence length must be a multiple of it."""
+    return 2 * sp_size if (mode == "ring" and zigzag) else sp_size
+
+
+def check_world_split(world_size: int, sp_size: int) -> None:
+    """Raise ConfigError when the world cannot be cut into groups of ``sp_size`` ranks."""
     if world_size % sp_size:
         raise ConfigError(
             f"parallel.sp_size={sp_size} does not divide the world size {world_size}; "
             "the world is split into data-parallel groups of sp_size ranks"
         )
-    parts = 2 * sp_size if (mode == "ring" and zigzag) else sp_size
+
+
+def check_sequence_parallel(seq_len: int, n_head: int, world_size: int, sp_size: int, mode: str, zigzag: bool):
+    """Raise ConfigError naming the value when a split cannot be made."""
+    check_world_split(world_size, sp_size)
+    parts = sequence_parts(sp_size, mode, zigzag)
     if seq_len % parts:
         what = f"2 * parallel.sp_size = {parts} (zigzag ring)" if parts != sp_size else f"parallel.sp_size={sp_size}"
         raise ConfigError(f"model.seq_len={seq_len} is not divisible by {what}; each rank must hold equal chunks")
@@ -253,3 +266,21 @@ def apply_sequence_parallel(model, group, mode: str, seq_len: int, zigzag: bool 
     for block in model.h:
         block.self_attention.attend = attend
     return layout
+
+
+@contextmanager
+def sequence_parallel_attention(
+    model, group, mode: str, seq_len: int, zigzag: bool = False
+) -> Iterator[SequenceLayout]:
+    """``apply_sequence_parallel`` for the duration of a ``with`` block, then the blocks' own attention again.
+
+    The evaluation stage needs this: the ring's chunk arithmetic is fixed per sequence length, so each eval length
+    installs its own, and work that keeps whole sequences on one rank (passkey prompts) must find the plain
+    attention back.
+    """
+    saved = [block.self_attention.attend for block in model.h]
+    try:
+        yield apply_sequence_parallel(model, group, mode, seq_len, zigzag)
+    finally:
+        for block, attend in zip(model.h, saved):
+            block.self_attention.attend = attend

@@ -54,6 +54,14 @@ def run_stages(cfg: Config, ctx) -> None:
     """``all``: prepare -> train -> eval; ``prepare`` / ``train`` / ``eval``: that stage after prepare."""
     from pretrain.prepare import run_prepare
 
+    if cfg.stage == "all" and cfg.parallel.sp_size > 1:
+        # Eval lengths a sequence-parallel group cannot split fail now, not after training.
+        from pretrain.evaluate import check_eval_split, eval_lengths
+
+        heads = {"model": cfg.model.n_head}
+        check_eval_split(
+            eval_lengths(cfg), bool(cfg.eval.lengths), cfg.model.seq_len, heads, cfg.parallel, ctx.world_size
+        )
     trained_tokenizer = None
     if cfg.stage == "eval" and cfg.eval.checkpoint is None:
         # Prepare (a cache hit when the corpus is there) gives the validation split and installs its tokenizer
