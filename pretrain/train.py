@@ -66,7 +66,8 @@ class StopSignal:
             reasons.append("train.time_limit")
         if self.stop_at_step is not None and step >= self.stop_at_step:
             reasons.append(f"train.stop_at_step={self.stop_at_step}")
-        flag = torch.tensor([1.0 if reasons else 0.0])
+        # On the rank's device: NCCL reduces only CUDA tensors.
+        flag = torch.tensor([1.0 if reasons else 0.0], device=self.ctx.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's signal stops them all, at the same step
         if flag.item() > 0:
@@ -79,7 +80,7 @@ class StopSignal:
 
 
 def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> float:
-    value = value.detach().float().reshape(1).cpu()
+    value = value.detach().float().reshape(1).to(ctx.device)  # NCCL reduces only CUDA tensors
     if ctx.world_size > 1:
         dist.all_reduce(value)
         value /= ctx.world_size
@@ -111,9 +112,9 @@ def forward_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, layout: Se
 def validation_loss(engine, batches, ctx: DistContext, layout: SequenceLayout | None) -> float:
     """Mean loss over validation batches (each rank holds its share), averaged over ranks."""
     engine.eval()
-    total, count = torch.zeros(1), torch.zeros(1)
+    total, count = torch.zeros(1, device=ctx.device), torch.zeros(1, device=ctx.device)
     for inputs, targets in batches:
-        total += forward_loss(engine, inputs, targets, layout).float().cpu()
+        total += forward_loss(engine, inputs, targets, layout).float()
         count += 1
     if ctx.world_size > 1:
         dist.all_reduce(total)
@@ -224,7 +225,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     try:
         while step < tcfg.max_steps:
             started = time.perf_counter()
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros((), device=ctx.device)  # on the device: no host sync per micro-batch
             norm = None
             for _ in range(tcfg.grad_accum):
                 inputs, targets = loader.next_batch()
@@ -234,7 +235,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                     norm = grad_norm_stage0(engine.module)
                 lr = scheduler.get_last_lr()[0]
                 engine.step()
-                loss_sum += loss.detach().float().cpu()
+                loss_sum += loss.detach().float()
             step += 1
             loss_value = mean_over_ranks(loss_sum / tcfg.grad_accum, ctx)
             if norm is None:
