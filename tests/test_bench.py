@@ -1,22 +1,12 @@
 """The benchmarks through their command line, on tiny sizes (no timing assertions), and the RSS meter they use."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_helpers import run_bench
 
 from pretrain.memory import MIB, RssPeakMemory, reset_rss_high_water_mark
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
 
 
 def test_attention_bench_writes_rows(tmp_path):

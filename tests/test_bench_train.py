@@ -1,24 +1,14 @@
 """The train_step and prepare benchmarks through their command line, on tiny sizes (no timing assertions)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_helpers import run_bench
 
 from pretrain.bench.prepare import main as prepare_main
 from pretrain.bench.train_step import add_ratios, estimate_step_bytes, model_shape, target_checks
 from pretrain.bench.train_step import main as train_step_main
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=180
-    )
 
 
 def test_train_step_bench_writes_both_rows(tmp_path):
