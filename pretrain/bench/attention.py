@@ -28,13 +28,11 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 
 from pretrain.alibi import slopes
 from pretrain.attention import BACKENDS, alibi_attention
+from pretrain.bench.report import machine_info, now_iso, write_report
 from pretrain.memory import MIB, peak_memory_meter
 
 BENCH_BACKENDS = (*BACKENDS, "sdpa_causal_nobias")
@@ -226,29 +225,6 @@ def target_checks(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def machine_info(device: str) -> dict:
-    if device == "cuda":
-        device_name = torch.cuda.get_device_name()
-    else:
-        device_name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                device_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-        "device_name": device_name,
-        # Timings are only as good as the machine was idle: the 1-minute load average when the run started.
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
 # --- command line ------------------------------------------------------------------------------------------
 
 
@@ -311,7 +287,7 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench attention") -> i
         print(RESULT_PREFIX + json.dumps(row), flush=True)
         return 0
 
-    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    started = now_iso()
     machine = machine_info(params.device)
     print(
         f"attention benchmark on {machine['device_name']} ({params.device}, {machine['torch_threads']} torch threads): "
@@ -336,16 +312,5 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench attention") -> i
     print()
     for check in checks:
         print(f"{check['status']}: {check['name']}: {check['detail']}")
-    if args.out is not None:
-        report = {
-            "benchmark": "attention",
-            "date": started,
-            "machine": machine,
-            "params": asdict(params),
-            "rows": rows,
-            "checks": checks,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(args.out, "attention", started, machine, params, rows, checks=checks)
     return 0

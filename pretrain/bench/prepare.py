@@ -14,13 +14,11 @@ whole stage's wall time, and all tokens over the ``tokenize`` phase.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 PHASES = ("load", "split", "tokenizer", "tokenize")
@@ -146,10 +144,10 @@ def parse_params(argv: list[str], prog: str) -> tuple[PrepareBenchParams, argpar
 
 def main(argv: list[str], prog: str = "python -m pretrain.bench prepare") -> int:
     params, args = parse_params(argv, prog)
-    from pretrain.bench.attention import machine_info
+    from pretrain.bench.report import machine_info, now_iso, write_report
     from pretrain.stages import PipelineError
 
-    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    started = now_iso()
     machine = machine_info("cpu")
     files = "all" if params.max_files is None else f"the first {params.max_files}"
     print(
@@ -176,16 +174,5 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench prepare") -> int
             f"median: {summary['wall_s']:.2f} s, {summary['tokens_per_s']:,.0f} tokens/s over the stage, "
             f"{summary['tokenize_tokens_per_s']:,.0f} tokens/s tokenizing"
         )
-    if args.out is not None:
-        report = {
-            "benchmark": "prepare",
-            "date": started,
-            "machine": machine,
-            "params": asdict(params),
-            "rows": rows,
-            "summary": summary,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(args.out, "prepare", started, machine, params, rows, summary=summary)
     return 0

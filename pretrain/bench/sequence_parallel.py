@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -129,19 +128,10 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench sequence_paralle
             f"{r['mode']:>8} {r['ranks']:>5} {r['seq_len']:>6} {r['time_s']:>8.2f} "
             f"{r['peak_extra_mib_per_rank']:>14.1f} {ratio:>14.2f}"
         )
-    if args.out:
-        from pretrain.bench.attention import machine_info
+    from pretrain.bench.report import machine_info, now_iso, write_report
 
-        report = {
-            "benchmark": "sequence_parallel",
-            "date": datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_info("cpu"),
-            "params": {"seq_len": args.seq_len, "sp_size": args.sp_size, "steps": args.steps, "model": "tiny"},
-            "rows": rows,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    params = {"seq_len": args.seq_len, "sp_size": args.sp_size, "steps": args.steps, "model": "tiny"}
+    write_report(args.out, "sequence_parallel", now_iso(), machine_info("cpu"), params, rows)
     return 0
 
 

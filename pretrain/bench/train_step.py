@@ -50,7 +50,6 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -595,9 +594,9 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench train_step") -> 
         worker(params, impl, model, int(length))
         return 0
 
-    from pretrain.bench.attention import machine_info
+    from pretrain.bench.report import machine_info, now_iso, write_report
 
-    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    started = now_iso()
     machine = {**machine_info(params.device), **versions()}
 
     def say(text: str) -> None:
@@ -623,18 +622,10 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench train_step") -> 
     say("")
     for check in checks:
         say(f"{check['status']}: {check['name']}: {check['detail']}")
-    if args.out is not None:
-        report = {
-            "benchmark": "train_step",
-            "date": started,
-            "machine": machine,
-            "params": asdict(params),
-            "shapes": {name: asdict(model_shape(name)) for name in params.models},
-            "rows": rows,
-            "checks": checks,
-            "load_average_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        say(f"wrote {args.out}")
+    write_report(
+        args.out, "train_step", started, machine, params, rows, say,
+        shapes={name: asdict(model_shape(name)) for name in params.models},
+        checks=checks,
+        load_average_1min_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    )  # fmt: skip
     return 0
