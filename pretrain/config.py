@@ -214,7 +214,8 @@ class EvalConfig:
     stride: Optional[int] = None
     # Other run directories evaluated on the same windows (one curve each).
     compare: list[str] = field(default_factory=list)
-    # Weights to evaluate instead of <run_dir>/checkpoints: a directory holding model.safetensors, or the file.
+    # Weights to evaluate instead of <run_dir>/checkpoints: a directory holding model.safetensors, the file, or one
+    # DeepSpeed checkpoint <run_dir>/checkpoints/step_NNNNNNNN (any ZeRO stage; a run may still be training).
     checkpoint: Optional[str] = None
     # Predictions scored per length, in whole windows spread evenly over the validation split (null: all of it).
     max_tokens: Optional[int] = 32768

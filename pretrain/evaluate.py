@@ -36,7 +36,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pretrain.checkpoint import MODEL_CONFIG, WEIGHTS, load_weights
+from pretrain.checkpoint import (
+    MODEL_CONFIG,
+    WEIGHTS,
+    checkpoint_model_config,
+    complete_tags,
+    is_checkpoint,
+    load_weights,
+    model_config,
+)
 from pretrain.config import Config, ConfigError, EvalConfig, ModelConfig, ParallelConfig
 from pretrain.distributed import DistContext, ParallelGroups, build_parallel_groups
 from pretrain.memory import MIB, peak_memory_meter, reset_rss_high_water_mark
@@ -62,13 +70,16 @@ class ModelSource:
     """Where one evaluated model's weights are, and the config key that named them (for messages)."""
 
     name: str
-    weights_dir: Path  # holds model.safetensors and model_config.json
+    weights_dir: Path  # holds model.safetensors and model_config.json, or is one DeepSpeed checkpoint (step_*)
     run_dir: Path | None  # the run the weights belong to, when known
     key: str
 
 
 def _weights_dir(path: Path) -> Path | None:
-    """The directory holding the final weights for a run directory, a checkpoints directory or the file."""
+    """The directory holding the final weights for a run directory, a checkpoints directory or the file; or
+    ``path`` itself when it is one DeepSpeed checkpoint (of a run still training, or stopped early)."""
+    if is_checkpoint(path):
+        return path
     if path.is_file() and path.name == WEIGHTS:
         return path.parent
     for candidate in (path, path / "checkpoints"):
@@ -93,9 +104,12 @@ def resolve_sources(cfg: Config) -> list[ModelSource]:
         if found is None:
             raise PipelineError(
                 f"eval.checkpoint={ecfg.checkpoint!r} holds no {WEIGHTS}: give a run directory, its checkpoints/ "
-                f"directory or the {WEIGHTS} file the train stage writes at its end"
+                f"directory, the {WEIGHTS} file the train stage writes at its end, or one checkpoint "
+                f"(checkpoints/step_NNNNNNNN){_newest_checkpoint(path)}"
             )
-        if not (found / MODEL_CONFIG).is_file():
+        if is_checkpoint(found):  # an unfinished save, or one without its model config, fails here: before any work
+            checkpoint_model_config(found, f"eval.checkpoint={ecfg.checkpoint!r}")
+        elif not (found / MODEL_CONFIG).is_file():
             raise PipelineError(f"eval.checkpoint={ecfg.checkpoint!r}: {found / MODEL_CONFIG} is missing")
         owner = found.parent if found.name == "checkpoints" else None
         sources.append(ModelSource(_name(owner or found), found, owner, "eval.checkpoint"))
@@ -106,7 +120,8 @@ def resolve_sources(cfg: Config) -> list[ModelSource]:
         elif not ecfg.compare:
             raise PipelineError(
                 f"no trained weights in {run_dir / 'checkpoints' / WEIGHTS}: train first (stage=train or stage=all "
-                "with this run_dir), or give eval.checkpoint=PATH or eval.compare=[RUN_DIR, ...]"
+                f"with this run_dir), or give eval.checkpoint=PATH or eval.compare=[RUN_DIR, ...]"
+                f"{_newest_checkpoint(run_dir)}"
             )
     for entry in ecfg.compare:
         path = Path(entry).expanduser()
@@ -123,7 +138,17 @@ def resolve_sources(cfg: Config) -> list[ModelSource]:
     return _unique_names(sources)
 
 
+def _newest_checkpoint(path: Path) -> str:
+    """A hint naming the newest complete checkpoint of a run (or checkpoints directory) without final weights yet."""
+    for candidate in (path, path / "checkpoints"):
+        if tags := complete_tags(candidate):
+            return f"; to evaluate a run still training, give a checkpoint: eval.checkpoint={candidate / tags[-1]}"
+    return ""
+
+
 def _name(path: Path) -> str:
+    if is_checkpoint(path) and path.parent.name == "checkpoints":  # which run, and which step of it
+        return f"{_name(path.parent.parent)}/{path.name}"
     return path.resolve().name or str(path)
 
 
@@ -714,7 +739,7 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
 
 
 def _model_config(source: ModelSource) -> ModelConfig:
-    return ModelConfig(**json.loads((source.weights_dir / MODEL_CONFIG).read_text()))
+    return model_config(source.weights_dir)
 
 
 def _with_seq_len(cfg: Config, seq_len: int) -> Config:

@@ -260,7 +260,8 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                 monitor.log_eval(step, validation_loss(engine, validation_batches(), ctx, layout))
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
-                checkpoints.save(engine, step, {"step": step, "loader": loader.state_dict(), "loss": loss_value})
+                client_state = {"step": step, "loader": loader.state_dict(), "loss": loss_value}
+                checkpoints.save(engine, step, client_state, model_cfg)  # model_cfg: evaluable on its own
             if stopping:
                 monitor.write(
                     f"stopped after step {step} ({stopper.reason}); checkpoint saved, resume with the same command"
