@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,17 +43,39 @@ def launcher_env() -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
+def _remove_cpu_comm_workspace() -> None:
+    """Unlink this rank's shared-memory all-reduce workspace at exit.
+
+    On a CPU, DeepSpeed's communication backend maps a 66 MiB ``/dev/shm`` file per rank
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never removes it: every multi-process
+    run would leave its files behind until ``/dev/shm`` (memory) is full. Unlinking only drops the name;
+    any rank still mapping it keeps its memory until it exits.
+    """
+    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if port is None or rank is None:
+        return
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        path.unlink(missing_ok=True)
+
+
+def init_deepspeed_comm(backend: str, **kwargs) -> None:
+    """``deepspeed.init_distributed`` (its comm layer carries Ulysses' all-to-all), cleaned up at exit on CPU."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+    if backend == "gloo":
+        atexit.register(_remove_cpu_comm_workspace)
+
+
 def init_distributed() -> DistContext:
     """Join the process group when started by a multi-rank launcher (gloo on CPU, NCCL on GPU)."""
     rank, world, local_rank = launcher_env()
     if world > 1 and not dist.is_initialized():
-        import deepspeed
-
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         # Rank 0 may spend a long time preparing a corpus while the others wait at a barrier.
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(hours=2))
+        init_deepspeed_comm(backend, timeout=timedelta(hours=2))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank)
 
 
@@ -73,14 +97,12 @@ def ensure_process_group(ctx: DistContext) -> None:
     """DeepSpeed's engine needs a process group even for one process started without a launcher."""
     if dist.is_initialized():
         return
-    import deepspeed
-
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     for key, value in (("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size), ("LOCAL_RANK", ctx.local_rank)):
         os.environ.setdefault(key, str(value))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
+    init_deepspeed_comm(backend, auto_mpi_discovery=False)
 
 
 @dataclass(frozen=True)

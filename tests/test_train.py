@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from train_helpers import SMALL_RUN, losses, metrics, run_pretrain
@@ -104,7 +105,10 @@ def test_latest_naming_a_missing_checkpoint_is_refused(workdir):
 def test_two_ranks_match_one_rank_with_twice_the_accumulation(workdir, zero_stage):
     common = ["train.max_steps=8", f"train.zero_stage={zero_stage}"]
     one, _ = train(workdir, f"one-z{zero_stage}", *common, "train.grad_accum=2")
+    shared_memory = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     two, _ = train(workdir, f"two-z{zero_stage}", *common, "train.grad_accum=1", ranks=2)
+    # DeepSpeed's CPU all-reduce workspace (66 MiB a rank in /dev/shm) is removed when the ranks exit.
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_memory
     want, got = losses(one), losses(two)
     assert sorted(got) == sorted(want) == list(range(1, 9))
     for step in want:

@@ -28,15 +28,15 @@ MODES = ("none", "ulysses", "ring")
 
 
 def worker(args: argparse.Namespace) -> None:
-    import deepspeed
     import torch.distributed as dist
 
     from pretrain.config import ModelConfig
+    from pretrain.distributed import init_deepspeed_comm
     from pretrain.memory import RssPeakMemory
     from pretrain.model import GPT
     from pretrain.sequence_parallel import apply_sequence_parallel
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_deepspeed_comm("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=4, d_model=128, seq_len=args.seq_len, vocab_size=8192)

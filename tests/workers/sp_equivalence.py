@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import ModelConfig
+from pretrain.distributed import init_deepspeed_comm
 from pretrain.model import GPT
 from pretrain.sequence_parallel import apply_sequence_parallel
 
@@ -26,9 +27,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # Ulysses' all-to-all is DeepSpeed's comm
+    init_deepspeed_comm("gloo")  # Ulysses' all-to-all is DeepSpeed's comm
     group = dist.new_group(list(range(dist.get_world_size())))
     torch.manual_seed(0)
     cfg = ModelConfig(
