@@ -76,6 +76,9 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(rows, row)
     if rank == 0:
         Path(args.out).write_text(json.dumps(rows))
+    # Every rank done communicating before any tears its connections down: a gloo peer closed mid-collective
+    # aborts the other rank at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -59,6 +59,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"loss": loss.item(), "reference": reference.item(), "grad_errors": errors}, f)
+    # Every rank done communicating before any tears its connections down: a gloo peer closed mid-collective
+    # aborts the other rank at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
