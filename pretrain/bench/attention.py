@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from pretrain.alibi import slopes
 from pretrain.attention import BACKENDS, alibi_attention
+from pretrain.bench.options import positive_int
 from pretrain.bench.report import machine_info, now_iso, write_report
 from pretrain.memory import MIB, peak_memory_meter
 
@@ -228,27 +229,20 @@ def target_checks(rows: list[dict]) -> list[dict]:
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be >= 1")
-    return value
-
-
 def parse_params(argv: list[str], prog: str) -> tuple[AttentionBenchParams, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--lengths", type=_positive_int, nargs="+", help="sequence lengths (default cpu: 1024..8192, cuda: 2048..32768)"
+        "--lengths", type=positive_int, nargs="+", help="sequence lengths (default cpu: 1024..8192, cuda: 2048..32768)"
     )
     parser.add_argument(
         "--backends", nargs="+", choices=BENCH_BACKENDS, default=["fused", "sdpa"], help="default: fused sdpa"
     )
-    parser.add_argument("--batch", type=_positive_int, default=1)
-    parser.add_argument("--heads", type=_positive_int, default=8)
-    parser.add_argument("--head-dim", type=_positive_int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", choices=sorted(DEFAULTS), default="cpu")
-    parser.add_argument("--repeats", type=_positive_int, help="timed calls (default cpu: 3, cuda: 20)")
+    parser.add_argument("--repeats", type=positive_int, help="timed calls (default cpu: 3, cuda: 20)")
     parser.add_argument(
         "--warmup",
         type=int,

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.bench.options import positive_int
+
 PHASES = ("load", "split", "tokenizer", "tokenize")
 
 
@@ -115,21 +117,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be >= 1")
-    return value
-
-
 def parse_params(argv: list[str], prog: str) -> tuple[PrepareBenchParams, argparse.Namespace]:
     from pretrain.config import ConfigError
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192, >= 260)")
-    parser.add_argument("--max-files", type=_positive_int, help="the first N stdlib files (default: all of them)")
-    parser.add_argument("--num-proc", type=_positive_int, default=2, help="tokenizing processes (default 2)")
-    parser.add_argument("--repeats", type=_positive_int, default=1, help="cold prepares, each in a fresh cache")
+    parser.add_argument("--max-files", type=positive_int, help="the first N stdlib files (default: all of them)")
+    parser.add_argument("--num-proc", type=positive_int, default=2, help="tokenizing processes (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="cold prepares, each in a fresh cache")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     params = PrepareBenchParams(

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.bench.options import positive_int
 from pretrain.memory import MIB
 
 IMPLS = ("ours", "bloom")
@@ -513,13 +514,6 @@ def versions() -> dict:
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be >= 1")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -530,11 +524,11 @@ def _positive_float(text: str) -> float:
 def parse_params(argv: list[str], prog: str) -> tuple[TrainStepBenchParams, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="default: tiny 125m")
-    parser.add_argument("--lengths", type=_positive_int, nargs="+", help="sequence lengths (default: 512 2048 8192)")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="sequence lengths (default: 512 2048 8192)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="default: ours bloom")
-    parser.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--vocab", type=_positive_int, default=8192, help="vocabulary size (default 8192)")
-    parser.add_argument("--steps", type=_positive_int, help="timed steps per row (default cpu: 3, cuda: 20)")
+    parser.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--vocab", type=positive_int, default=8192, help="vocabulary size (default 8192)")
+    parser.add_argument("--steps", type=positive_int, help="timed steps per row (default cpu: 3, cuda: 20)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default cpu: 1, cuda: 3)")
     parser.add_argument(
         "--min-time",
@@ -555,7 +549,7 @@ def parse_params(argv: list[str], prog: str) -> tuple[TrainStepBenchParams, argp
         help="skip a row whose rough memory estimate is larger (default: 60%% of the memory available at start)",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, help="torch threads of each worker (default: torch's, one per core)"
+        "--threads", type=positive_int, help="torch threads of each worker (default: torch's, one per core)"
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     # Internal: serve one (impl, model, length) in this process (the parent's worker).
