@@ -130,12 +130,13 @@ def activation_bytes(cfg: ModelConfig, tokens: int, precision: str, checkpointin
     return tokens * (blocks + 3 * cfg.d_model) * act_b + loss
 
 
-def peak_bytes(memory: dict, zero_stage: int, grad_accum: int) -> dict:
+def peak_bytes(memory: dict, grad_accum: int) -> dict:
     """What is live beside the parameters and optimizer state at the end of each phase of a step.
 
-    Forward: the activations, with the gradients of earlier micro-batches when they accumulate (ZeRO-2
-    keeps only its partition between micro-batches, ZeRO-0/1 the full gradients). Backward: activations
-    are freed layer by layer as gradients appear, so its peak is the gradients and the reduce buffer.
+    Forward: the activations, with the gradients of earlier micro-batches when they accumulate (``memory``'s
+    gradients are already per stage: ZeRO-2 keeps only its partition, ZeRO-0/1 the full gradients).
+    Backward: activations are freed layer by layer as gradients appear, so its peak is the gradients and
+    the reduce buffer.
     Step: the gradients and the gather buffers.
     """
     carried = memory["gradients"] if grad_accum > 1 else 0
@@ -161,7 +162,7 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
     zero = deepspeed_config(t, dp, sp, n)["zero_optimization"]
     bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET_ELEMENTS) if t.zero_stage else DEEPSPEED_BUCKET_ELEMENTS
     memory.update(communication_bytes(n, t.precision, t.zero_stage, dp * sp, int(bucket)))
-    memory["phases"] = peak_bytes(memory, t.zero_stage, t.grad_accum)
+    memory["phases"] = peak_bytes(memory, t.grad_accum)
     return Plan(
         world_size=world_size,
         dp_size=dp,
