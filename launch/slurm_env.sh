@@ -12,7 +12,7 @@
 #    - `deepspeed.launcher.launch` (launch.py) and torchrun do forward SIGTERM to the ranks, but SIGKILL
 #      them 30 s later, which is too short for a large model to finish a step and write a checkpoint.
 #    So run_launcher sends SIGTERM to the ranks themselves and waits for them, however long the save takes.
-#    One rank's signal is enough: the ranks agree at every step to stop together (pretrain/train.py).
+#    One rank's signal is enough: the ranks agree at every step to stop together (pretrain/train/loop.py).
 
 # The hosts of a Slurm node list (SLURM_JOB_NODELIST), one per line, in order.
 slurm_expand_nodelist() {

@@ -44,7 +44,7 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def hydra_main(dict_cfg: DictConfig) -> None:
-        from pretrain.stages import run_from_dictconfig
+        from pretrain.pipeline import run_from_dictconfig
 
         run_from_dictconfig(dict_cfg)
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pretrain.errors import ConfigError
+
 POS_ENCODINGS = ("alibi", "sinusoidal", "learned", "rope", "none")
 ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
 # `all` is prepare -> train -> eval; `eval` also runs prepare first (a cache hit that gives the validation split).
 STAGES = ("all", "prepare", "train", "eval")
 DATA_SOURCES = ("stdlib", "files", "hf")
-
-
-class ConfigError(ValueError):
-    """A value a user set is not allowed; the message names the key, the value and what is allowed."""
 
 
 def check_choice(key: str, value: Any, allowed: tuple) -> None:

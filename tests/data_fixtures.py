@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import Config, DataConfig
-from pretrain.corpus import stdlib_files, stdlib_root
+from pretrain.data.corpus import stdlib_files, stdlib_root
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough to prepare in about a second, large enough for a 512-piece vocabulary.

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pretrain.alibi import alibi_bias, causal_mask, head_slopes, positions, slopes
+from pretrain.ops.alibi import alibi_bias, causal_mask, head_slopes, positions, slopes
 
 # Worked out by hand from the paper's rule (Press et al. 2022, section 3 and its code).
 HAND_SLOPES = {

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-import pretrain.attention as attention
-from pretrain.alibi import slopes
-from pretrain.attention import alibi_attention, blockwise_backward, blockwise_forward, flex_alibi_attention
+import pretrain.ops.attention as attention
+from pretrain.ops.alibi import slopes
+from pretrain.ops.attention import alibi_attention, blockwise_backward, blockwise_forward, flex_alibi_attention
 
 # (batch, heads, q_len, k_len, head_dim, q_offset, k_offset, window)
 SHAPES = [

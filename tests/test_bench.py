@@ -6,7 +6,7 @@ import pytest
 import torch
 from bench_helpers import run_bench
 
-from pretrain.memory import MIB, RssPeakMemory, reset_rss_high_water_mark
+from pretrain.perf.memory import MIB, RssPeakMemory, reset_rss_high_water_mark
 
 
 def test_attention_bench_writes_rows(tmp_path):

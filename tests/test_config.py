@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pretrain.__main__ import CONF_DIR, adapt_launcher_argv
-from pretrain.config import ConfigError, ModelConfig, register_configs
+from pretrain.config import ModelConfig, register_configs
+from pretrain.errors import ConfigError
 
 register_configs()
 GROUPS = ["model", "data", "train", "parallel", "eval", "wandb"]

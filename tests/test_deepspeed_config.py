@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.config import ConfigError, TrainConfig
-from pretrain.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
+from pretrain.config import TrainConfig
+from pretrain.errors import ConfigError
+from pretrain.parallel.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
 
 
 def test_batch_sizes_and_precision():

@@ -11,12 +11,13 @@ import pytest
 import torch
 from train_helpers import SMALL_RUN, run_pretrain
 
-from pretrain.checkpoint import load_weights
-from pretrain.config import ConfigError, EvalConfig, ParallelConfig
-from pretrain.evaluate import check_eval_split, score_windows
-from pretrain.model import GPT
-from pretrain.sequence_parallel import SequenceLayout
-from pretrain.windows import nonoverlapping_windows, sliding_windows
+from pretrain.config import EvalConfig, ParallelConfig
+from pretrain.errors import ConfigError
+from pretrain.eval.run import check_eval_split, score_windows
+from pretrain.eval.windows import nonoverlapping_windows, sliding_windows
+from pretrain.model.gpt import GPT
+from pretrain.parallel.sequence_parallel import SequenceLayout
+from pretrain.train.checkpoint import load_weights
 
 # Enough steps that the model has learnt to use its context, so the 4x-length check is not luck
 # (checked over several seeds: see test_alibi_extrapolates_to_four_times_its_training_length).
@@ -80,7 +81,7 @@ def test_the_numbers_are_the_models_own_loss_on_those_windows(trained):
     model = GPT(model_cfg)
     model.load_state_dict(state)
     model.eval()
-    from pretrain.prepare import PreparedCorpus
+    from pretrain.data.prepare import PreparedCorpus
 
     corpus = PreparedCorpus.open(next((workdir / "data").glob("stdlib-*")))
     tokens = np.asarray(corpus.tokens("val"), dtype=np.int64)

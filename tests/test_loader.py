@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.loader import TokenWindowLoader, val_batches
-from pretrain.stages import PipelineError
+from pretrain.data.loader import TokenWindowLoader, val_batches
+from pretrain.errors import PipelineError
 
 SEQ = 16
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pretrain.loss as loss_module
-from pretrain.loss import linear_cross_entropy
+import pretrain.ops.loss as loss_module
+from pretrain.ops.loss import linear_cross_entropy
 
 
 def plain_loss(hidden, weight, targets):

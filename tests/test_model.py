@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.model import GPT
+from pretrain.model.gpt import GPT
 
 POS_ENCODINGS = ["alibi", "sinusoidal", "learned", "rope", "none"]
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from pretrain.passkey import (
+from pretrain.eval.passkey import (
     FILLER,
     answer_text,
     distractor_keys,
@@ -34,7 +34,7 @@ def spm_encode(tmp_path_factory):
     import sysconfig
     from pathlib import Path
 
-    from pretrain.tokenizer import load_tokenizer, train_tokenizer
+    from pretrain.data.tokenizer import load_tokenizer, train_tokenizer
 
     texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-d]*.py"))]
     path = train_tokenizer(texts, tmp_path_factory.mktemp("spm") / "spm", vocab_size=600)

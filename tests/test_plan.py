@@ -10,8 +10,8 @@ import pytest
 from train_helpers import metrics, run_pretrain
 
 from pretrain.config import Config, ModelConfig, TrainConfig
-from pretrain.model import GPT
-from pretrain.plan import make_plan, parameter_count
+from pretrain.model.gpt import GPT
+from pretrain.perf.plan import make_plan, parameter_count
 
 
 @pytest.mark.parametrize(

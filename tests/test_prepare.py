@@ -22,12 +22,12 @@ from data_fixtures import (
     write_parquet,
 )
 
-import pretrain.prepare as prepare
-from pretrain.corpus import split_hash, stdlib_files
-from pretrain.distributed import DistContext
-from pretrain.prepare import PreparedCorpus, load_prepared, prepare_corpus, run_prepare
-from pretrain.stages import PipelineError
-from pretrain.tokenizer import EOS_ID, load_tokenizer
+import pretrain.data.prepare as prepare
+from pretrain.data.corpus import split_hash, stdlib_files
+from pretrain.data.prepare import PreparedCorpus, load_prepared, prepare_corpus, run_prepare
+from pretrain.data.tokenizer import EOS_ID, load_tokenizer
+from pretrain.errors import PipelineError
+from pretrain.parallel.distributed import DistContext
 
 CTX = DistContext()
 
@@ -204,7 +204,7 @@ KILLED_PREPARE = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import pretrain.prepare as prepare
+import pretrain.data.prepare as prepare
 from data_fixtures import data_config
 
 def killed(writers, build):
@@ -341,7 +341,8 @@ def test_data_configs_compose(overrides, source):
     ],
 )
 def test_data_config_checks_name_the_key(values, message):
-    from pretrain.config import ConfigError, DataConfig
+    from pretrain.config import DataConfig
+    from pretrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         DataConfig(**values)

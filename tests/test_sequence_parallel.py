@@ -11,8 +11,8 @@ import pytest
 import torch
 from train_helpers import SMALL_RUN, metrics, run_pretrain
 
-from pretrain.config import ConfigError
-from pretrain.sequence_parallel import SequenceLayout, check_sequence_parallel
+from pretrain.errors import ConfigError
+from pretrain.parallel.sequence_parallel import SequenceLayout, check_sequence_parallel
 
 WORKER = Path(__file__).parent / "workers" / "sp_equivalence.py"
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,7 @@ import pickle
 import pytest
 from data_fixtures import stdlib_texts
 
-from pretrain.stages import PipelineError
-from pretrain.tokenizer import (
+from pretrain.data.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -18,6 +17,7 @@ from pretrain.tokenizer import (
     special_ids,
     train_tokenizer,
 )
+from pretrain.errors import PipelineError
 
 TRICKY = [
     "def f(x):\n\treturn x  # tab-indented\n",

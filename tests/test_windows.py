@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.evaluate import Scores, binned_positions, position_bins, score_windows
-from pretrain.windows import (
+from pretrain.eval.run import Scores, binned_positions, position_bins, score_windows
+from pretrain.eval.windows import (
     WindowError,
     default_stride,
     make_windows,

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pretrain.alibi import slopes
-from pretrain.attention import BACKENDS, alibi_attention
 from pretrain.bench.options import positive_int
 from pretrain.bench.report import machine_info, now_iso, write_report
-from pretrain.memory import MIB, peak_memory_meter
+from pretrain.ops.alibi import slopes
+from pretrain.ops.attention import BACKENDS, alibi_attention
+from pretrain.perf.memory import MIB, peak_memory_meter
 
 BENCH_BACKENDS = (*BACKENDS, "sdpa_causal_nobias")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -51,7 +51,7 @@ def data_config(params: PrepareBenchParams, cache_dir: str):
 
 def measure(params: PrepareBenchParams) -> dict:
     """One cold prepare into a fresh cache directory, then a cache hit on it."""
-    from pretrain.prepare import prepare_corpus
+    from pretrain.data.prepare import prepare_corpus
 
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as cache_dir:
         data = data_config(params, cache_dir)
@@ -118,7 +118,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_params(argv: list[str], prog: str) -> tuple[PrepareBenchParams, argparse.Namespace]:
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192, >= 260)")
@@ -140,7 +140,7 @@ def parse_params(argv: list[str], prog: str) -> tuple[PrepareBenchParams, argpar
 def main(argv: list[str], prog: str = "python -m pretrain.bench prepare") -> int:
     params, args = parse_params(argv, prog)
     from pretrain.bench.report import machine_info, now_iso, write_report
-    from pretrain.stages import PipelineError
+    from pretrain.errors import PipelineError
 
     started = now_iso()
     machine = machine_info("cpu")

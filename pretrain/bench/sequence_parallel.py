@@ -31,10 +31,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from pretrain.config import ModelConfig
-    from pretrain.distributed import init_deepspeed_comm
-    from pretrain.memory import RssPeakMemory
-    from pretrain.model import GPT
-    from pretrain.sequence_parallel import apply_sequence_parallel
+    from pretrain.model.gpt import GPT
+    from pretrain.parallel.distributed import init_deepspeed_comm
+    from pretrain.parallel.sequence_parallel import apply_sequence_parallel
+    from pretrain.perf.memory import RssPeakMemory
 
     init_deepspeed_comm("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

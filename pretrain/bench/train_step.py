@@ -24,7 +24,7 @@ them (CUDA steps are synchronized). On a small CPU shared with other work, two O
 threads per worker wait on each other whenever the machine takes one core away; ``--threads 1`` trades
 absolute speed for repeatable ratios.
 
-Memory (``pretrain.memory``): ``peak MiB`` is a step's peak beyond what the process held after the warm-up
+Memory (``pretrain.perf.memory``): ``peak MiB`` is a step's peak beyond what the process held after the warm-up
 (model, optimizer state): activations, gradients, temporaries. On CPU that is the RSS high-water mark of the
 fresh process, reset after the warm-up and a ``malloc_trim``; it counts whole pages, an upper bound of live
 bytes. On CUDA the caching allocator's peak. ``total MiB`` is the peak beyond the process's memory before the
@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from pretrain.bench.options import positive_int
-from pretrain.memory import MIB
+from pretrain.perf.memory import MIB
 
 IMPLS = ("ours", "bloom")
 MODELS = ("tiny", "125m")  # shapes read from conf/model/<name>.yaml, the one home of them
@@ -146,10 +146,10 @@ class OursStep:
         import deepspeed
 
         from pretrain.config import ModelConfig, TrainConfig
-        from pretrain.deepspeed_config import deepspeed_config
-        from pretrain.model import GPT
-        from pretrain.optim import build_optimizer
-        from pretrain.train import skip_lone_allreduce
+        from pretrain.model.gpt import GPT
+        from pretrain.parallel.deepspeed_config import deepspeed_config
+        from pretrain.train.loop import skip_lone_allreduce
+        from pretrain.train.optim import build_optimizer
 
         self.tcfg = TrainConfig(
             max_steps=params.warmup + params.steps,
@@ -173,7 +173,7 @@ class OursStep:
         skip_lone_allreduce(self.engine, 1, 0)
 
     def __call__(self, tokens: torch.Tensor) -> float:
-        from pretrain.train import forward_loss, grad_norm_stage0
+        from pretrain.train.loop import forward_loss, grad_norm_stage0
 
         loss = forward_loss(self.engine, tokens[:, :-1], tokens[:, 1:], None)
         self.engine.backward(loss)
@@ -220,7 +220,7 @@ def answer(message: dict) -> None:
 
 def worker(params: TrainStepBenchParams, impl: str, model: str, length: int) -> None:
     """Build one implementation, then serve the parent's commands on stdin (``step``, ``meter``, ``report``)."""
-    from pretrain.memory import peak_memory_meter
+    from pretrain.perf.memory import peak_memory_meter
 
     device = torch.device(params.device)
     if params.threads is not None:
@@ -228,7 +228,7 @@ def worker(params: TrainStepBenchParams, impl: str, model: str, length: int) -> 
     # Framework code the first step or optimizer would import lazily belongs to the baseline, not the model.
     importlib.import_module("torch._dynamo")
     if impl == "ours":
-        from pretrain.distributed import DistContext, ensure_process_group
+        from pretrain.parallel.distributed import DistContext, ensure_process_group
 
         ensure_process_group(DistContext())
     else:

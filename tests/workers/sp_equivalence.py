@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import ModelConfig
-from pretrain.distributed import init_deepspeed_comm
-from pretrain.model import GPT
-from pretrain.sequence_parallel import apply_sequence_parallel
+from pretrain.model.gpt import GPT
+from pretrain.parallel.distributed import init_deepspeed_comm
+from pretrain.parallel.sequence_parallel import apply_sequence_parallel
 
 
 def main() -> None:

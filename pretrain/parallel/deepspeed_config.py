@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import ConfigError, TrainConfig
+from pretrain.config import TrainConfig
+from pretrain.errors import ConfigError
 
 
 def global_batch(cfg: TrainConfig, dp_size: int) -> int:

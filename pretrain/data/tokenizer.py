@@ -29,7 +29,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from pretrain.stages import PipelineError
+from pretrain.errors import PipelineError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 USER_SYMBOLS = ("\n", "\t")

@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.attention import alibi_attention, blockwise_backward, blockwise_forward
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
+from pretrain.ops.attention import alibi_attention, blockwise_backward, blockwise_forward
 
 
 @dataclass(frozen=True)

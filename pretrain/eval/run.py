@@ -1,11 +1,11 @@
 """The evaluation stage (``stage=eval``): how well trained models extrapolate past their training length.
 
 For each model (the run's final weights, or ``eval.checkpoint``, plus every ``eval.compare`` run) and each
-length in ``eval.lengths``, the validation split is cut into windows (``pretrain.windows``: non-overlapping
+length in ``eval.lengths``, the validation split is cut into windows (``pretrain.eval.windows``: non-overlapping
 or sliding) and every scored prediction's cross-entropy is summed. Reported per length: loss, perplexity,
 tokens scored; with ``eval.window_control`` also the loss of the same predictions with attention limited to
 the model's training length, and the difference (does the model use context beyond what it was trained
-on?); and the loss by position inside the window. Then passkey retrieval (``pretrain.passkey``).
+on?); and the loss by position inside the window. Then passkey retrieval (``pretrain.eval.passkey``).
 
 Nothing L x L is built: attention is the fused kernel, logits are formed a few thousand rows at a time from
 the final hidden states, and each length runs ``eval.batch_tokens // L`` windows per forward pass. Under
@@ -36,7 +36,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pretrain.checkpoint import (
+from pretrain.config import Config, EvalConfig, ModelConfig, ParallelConfig
+from pretrain.errors import ConfigError, PipelineError
+from pretrain.eval.windows import Window, WindowError, default_stride, make_windows, shard, shared_region
+from pretrain.model.gpt import GPT
+from pretrain.parallel.distributed import DistContext, ParallelGroups, build_parallel_groups
+from pretrain.parallel.sequence_parallel import (
+    SequenceLayout,
+    check_world_split,
+    sequence_parallel_attention,
+    sequence_parts,
+)
+from pretrain.perf.memory import MIB, peak_memory_meter, reset_rss_high_water_mark
+from pretrain.train.checkpoint import (
     MODEL_CONFIG,
     WEIGHTS,
     checkpoint_model_config,
@@ -45,13 +57,6 @@ from pretrain.checkpoint import (
     load_weights,
     model_config,
 )
-from pretrain.config import Config, ConfigError, EvalConfig, ModelConfig, ParallelConfig
-from pretrain.distributed import DistContext, ParallelGroups, build_parallel_groups
-from pretrain.memory import MIB, peak_memory_meter, reset_rss_high_water_mark
-from pretrain.model import GPT
-from pretrain.sequence_parallel import SequenceLayout, check_world_split, sequence_parallel_attention, sequence_parts
-from pretrain.stages import PipelineError
-from pretrain.windows import Window, WindowError, default_stride, make_windows, shard, shared_region
 
 EVAL_DIR = "eval"
 RESULTS_FILE = "results.json"
@@ -550,7 +555,7 @@ def _score_both(model, model_cfg, tokens, windows, length, batch_size, ecfg, ctx
 
 def passkey_lengths(cfg: Config, encode) -> tuple[list[int], list[dict]]:
     """The passkey lengths to run and those skipped (too short for the prompt); explicit ones must all fit."""
-    from pretrain.passkey import min_length
+    from pretrain.eval.passkey import min_length
 
     shortest = min_length(encode)
     if cfg.eval.passkey_lengths:
@@ -572,7 +577,7 @@ def passkey_lengths(cfg: Config, encode) -> tuple[list[int], list[dict]]:
 
 def evaluate_passkey(model: GPT, model_cfg: ModelConfig, encode, lengths, too_short, ecfg: EvalConfig, ctx, say):
     """Accuracy per (length, depth) over ``eval.passkey_trials`` seeded trials, greedy and by likelihood."""
-    from pretrain.passkey import answer_text, distractor_keys, make_prompt, random_key, score_candidates, trial_rng
+    from pretrain.eval.passkey import answer_text, distractor_keys, make_prompt, random_key, score_candidates, trial_rng
 
     device = next(model.parameters()).device
     limit = max_positions(model_cfg)
@@ -652,7 +657,7 @@ def evaluate_passkey(model: GPT, model_cfg: ModelConfig, encode, lengths, too_sh
 
 def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
     """Evaluate the run's model (and ``eval.compare`` runs) on the validation split; rank 0 writes ``eval/``."""
-    from pretrain.tokenizer import load_tokenizer
+    from pretrain.data.tokenizer import load_tokenizer
 
     say = print if ctx.is_main else (lambda *args, **kwargs: None)
     ecfg = cfg.eval
@@ -750,7 +755,7 @@ def _with_seq_len(cfg: Config, seq_len: int) -> Config:
 
 def write_outputs(cfg: Config, report: dict, say) -> None:
     """``results.json``, the plots, the console table and (when enabled) wandb. Rank 0 only."""
-    from pretrain.plots import plot_loss_vs_position, plot_passkey, plot_ppl_vs_length
+    from pretrain.eval.plots import plot_loss_vs_position, plot_passkey, plot_ppl_vs_length
 
     out_dir = Path(cfg.run_dir) / EVAL_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -813,7 +818,7 @@ def log_to_wandb(cfg: Config, report: dict, plots: dict) -> None:
     """A table and the plots under the trained model's wandb run (its id is in ``<run_dir>/train/wandb_id``)."""
     import wandb
 
-    from pretrain.monitor import WANDB_ID_FILE
+    from pretrain.train.monitor import WANDB_ID_FILE
 
     run_dir = Path(cfg.run_dir)
     id_file = run_dir / "train" / WANDB_ID_FILE

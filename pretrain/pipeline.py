@@ -7,12 +7,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.config import Config, ConfigError
-from pretrain.distributed import init_distributed, shutdown_distributed
-
-
-class PipelineError(RuntimeError):
-    """A problem with the user's input found while a stage runs (a missing file, an empty corpus, ...)."""
+from pretrain.config import Config
+from pretrain.errors import ConfigError, PipelineError
+from pretrain.parallel.distributed import init_distributed, shutdown_distributed
 
 
 def to_config(dict_cfg: DictConfig) -> Config:
@@ -41,8 +38,8 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
 
 def print_run_plan(cfg: Config) -> None:
     """``print_plan=true``: the plan for ``plan_world_size`` devices (or the launcher's world), no work."""
-    from pretrain.distributed import launcher_env
-    from pretrain.plan import format_plan, make_plan
+    from pretrain.parallel.distributed import launcher_env
+    from pretrain.perf.plan import format_plan, make_plan
 
     rank, world, _ = launcher_env()
     if rank == 0:
@@ -52,11 +49,11 @@ def print_run_plan(cfg: Config) -> None:
 
 def run_stages(cfg: Config, ctx) -> None:
     """``all``: prepare -> train -> eval; ``prepare`` / ``train`` / ``eval``: that stage after prepare."""
-    from pretrain.prepare import run_prepare
+    from pretrain.data.prepare import run_prepare
 
     if cfg.stage == "all" and cfg.parallel.sp_size > 1:
         # Eval lengths a sequence-parallel group cannot split fail now, not after training.
-        from pretrain.evaluate import check_eval_split, eval_lengths
+        from pretrain.eval.run import check_eval_split, eval_lengths
 
         heads = {"model": cfg.model.n_head}
         check_eval_split(
@@ -72,7 +69,7 @@ def run_stages(cfg: Config, ctx) -> None:
     # A later stage asks for the prepared corpus again: a cache hit when it is already there.
     corpus = run_prepare(cfg, ctx)
     if cfg.stage in ("all", "train"):
-        from pretrain.train import run_train
+        from pretrain.train.loop import run_train
 
         run_train(cfg, ctx, corpus)
     if trained_tokenizer is not None:
@@ -86,7 +83,7 @@ def run_stages(cfg: Config, ctx) -> None:
                 "with the data.* settings it was trained with"
             )
     if cfg.stage in ("all", "eval"):
-        from pretrain.evaluate import run_eval
+        from pretrain.eval.run import run_eval
 
         run_eval(cfg, ctx, corpus)
 

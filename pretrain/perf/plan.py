@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import Config, ModelConfig
-from pretrain.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
-from pretrain.flops import flops_per_token
-from pretrain.loss import chunk_tokens
+from pretrain.ops.loss import chunk_tokens
+from pretrain.parallel.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
+from pretrain.perf.flops import flops_per_token
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -118,7 +118,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, precision: str, checkpointin
     Blocks: ``layer_activation_floats`` per token and layer (with activation checkpointing, only each
     block's input is kept, plus one block's full set while it is recomputed). Embedding output, its
     LayerNorm and the final LayerNorm keep 3 more ``d_model`` floats a token. The loss never holds the
-    logits (``pretrain.loss``): it keeps the hidden states' gradient, a float32 gradient of the output
+    logits (``pretrain.ops.loss``): it keeps the hidden states' gradient, a float32 gradient of the output
     weight, and works on one chunk of float32 logits at a time (the BLAS copies it once more to take the
     weight's gradient).
     """

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.config import DataConfig
-from pretrain.stages import PipelineError
+from pretrain.errors import PipelineError
 
 # File suffix -> datasets' packaged loader.
 LOADERS = {

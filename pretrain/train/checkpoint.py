@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.distributed import DistContext
-from pretrain.stages import PipelineError
+from pretrain.errors import PipelineError
+from pretrain.parallel.distributed import DistContext
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"step_\d{8}")

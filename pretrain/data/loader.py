@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.shards import open_shard
-from pretrain.stages import PipelineError
+from pretrain.data.shards import open_shard
+from pretrain.errors import PipelineError
 
 STATE_VERSION = 1
 

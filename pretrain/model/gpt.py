@@ -22,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.alibi import slopes as alibi_slopes
-from pretrain.attention import alibi_attention
 from pretrain.config import ModelConfig
-from pretrain.loss import linear_cross_entropy
+from pretrain.ops.alibi import slopes as alibi_slopes
+from pretrain.ops.attention import alibi_attention
+from pretrain.ops.loss import linear_cross_entropy
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -212,7 +212,7 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits ``[B, L, vocab]``, or with ``targets`` ``[B, L]`` the mean cross-entropy (ignore index -100).
 
-        The loss never builds the logits tensor (``pretrain.loss``); the output projection is tied to the
+        The loss never builds the logits tensor (``pretrain.ops.loss``); the output projection is tied to the
         word embeddings.
         """
         if targets is not None and targets.shape != input_ids.shape:

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pretrain.config import WandbConfig
-from pretrain.distributed import DistContext
+from pretrain.parallel.distributed import DistContext
 
 WANDB_ID_FILE = "wandb_id"
 

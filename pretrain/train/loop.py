@@ -16,16 +16,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import CheckpointManager, save_weights
-from pretrain.config import Config, ConfigError
-from pretrain.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
-from pretrain.distributed import DistContext, build_parallel_groups, ensure_process_group
-from pretrain.flops import flops_per_token, mfu, peak_flops
-from pretrain.memory import MIB, peak_memory_meter, preload_framework_code
-from pretrain.model import GPT
-from pretrain.monitor import Monitor
-from pretrain.optim import build_optimizer
-from pretrain.sequence_parallel import SequenceLayout, apply_sequence_parallel, check_sequence_parallel
+from pretrain.config import Config
+from pretrain.errors import ConfigError
+from pretrain.model.gpt import GPT
+from pretrain.parallel.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
+from pretrain.parallel.distributed import DistContext, build_parallel_groups, ensure_process_group
+from pretrain.parallel.sequence_parallel import SequenceLayout, apply_sequence_parallel, check_sequence_parallel
+from pretrain.perf.flops import flops_per_token, mfu, peak_flops
+from pretrain.perf.memory import MIB, peak_memory_meter, preload_framework_code
+from pretrain.train.checkpoint import CheckpointManager, save_weights
+from pretrain.train.monitor import Monitor
+from pretrain.train.optim import build_optimizer
 
 
 def parse_time_limit(value: str | None) -> float | None:
@@ -127,7 +128,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     """Train ``cfg.model`` on a prepared corpus; returns a summary (steps, final loss, where things are)."""
     import deepspeed
 
-    from pretrain.loader import TokenWindowLoader, val_batches
+    from pretrain.data.loader import TokenWindowLoader, val_batches
 
     run_dir = Path(cfg.run_dir)
     tcfg = cfg.train

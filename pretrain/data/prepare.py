@@ -3,7 +3,7 @@
 A prepared corpus is a directory ``<data.cache_dir>/<source>-<fingerprint[:16]>/`` holding
 
     spm.model, spm.vocab   the tokenizer (trained on a sample of the train split, or a copy of data.tokenizer)
-    train.bin, val.bin     packed token shards (pretrain.shards): every document followed by one EOS
+    train.bin, val.bin     packed token shards (pretrain.data.shards): every document followed by one EOS
     val_docs.npy           [val documents + 1] int64 offsets of the validation documents in val.bin
     inputs.json            everything the fingerprint was computed from (file sizes and mtimes, settings)
     meta.json              vocab size, dtype, special ids, documents and tokens per split; written last
@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 
 from pretrain.config import Config, DataConfig
-from pretrain.corpus import describe_inputs, hash_batch, load_documents, split_flags, split_hash
-from pretrain.shards import ShardWriter, open_shard, token_dtype
-from pretrain.stages import PipelineError
-from pretrain.tokenizer import (
+from pretrain.data.corpus import describe_inputs, hash_batch, load_documents, split_flags, split_hash
+from pretrain.data.shards import ShardWriter, open_shard, token_dtype
+from pretrain.data.tokenizer import (
     TRAINER_OPTIONS,
     DocumentTokenizer,
     file_sha256,
@@ -44,6 +43,7 @@ from pretrain.tokenizer import (
     special_ids,
     train_tokenizer,
 )
+from pretrain.errors import PipelineError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

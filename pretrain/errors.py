@@ -1,0 +1,14 @@
+"""The errors a user can cause. Both end the program with one line naming the problem (``pretrain.pipeline``).
+
+Everything else that goes wrong is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A value a user set is not allowed; the message names the key, the value and what is allowed."""
+
+
+class PipelineError(RuntimeError):
+    """A problem with the user's input found while a stage runs (a missing file, an empty corpus, ...)."""

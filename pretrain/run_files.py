@@ -1,0 +1,67 @@
+"""Where each file of a run directory lives, and how files are written so that a crash never leaves half of one.
+
+One home for the layout the README documents (``<run_dir>/train/metrics.jsonl``, ``checkpoints/``,
+``eval/results.json``, ...): stages name their files through ``RunFiles``, never by joining strings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run directory."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer" / "spm.model"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def metrics(self) -> Path:
+        return self.train_dir / "metrics.jsonl"
+
+    @property
+    def validation(self) -> Path:
+        return self.train_dir / "val.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.eval_dir / "results.json"
+
+    @property
+    def wandb_id(self) -> Path:
+        """The id of the run's wandb run: training and evaluation log to the same one. Kept where earlier
+        releases wrote it, so their runs continue in the same wandb run."""
+        return self.train_dir / "wandb_id"
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: a reader (or a crash) sees the old file
+    or the new one, never a part of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, path)
