@@ -31,6 +31,21 @@ def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be {bound}")
 
 
+def parse_time_limit(value: str | None) -> float | None:
+    """``train.time_limit`` "HH:MM" (or "HH:MM:SS") as seconds; None for no limit."""
+    if value is None:
+        return None
+    parts = str(value).split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        numbers = [int(p) for p in parts] + [0] * (3 - len(parts))
+    except ValueError:
+        raise ConfigError(f"train.time_limit={value!r} is not allowed; write HH:MM or HH:MM:SS") from None
+    hours, minutes, seconds = numbers
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
 @dataclass
 class ModelConfig:
     """The GPT's shape. The defaults follow Hugging Face's ``BloomForCausalLM`` layout, so export is exact."""
@@ -183,6 +198,12 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} is not allowed; it must be in [0, 1]")
         if self.stop_at_step is not None:
             check_positive("train.stop_at_step", self.stop_at_step)
+        parse_time_limit(self.time_limit)
+
+    @property
+    def time_limit_s(self) -> float | None:
+        """``train.time_limit`` in seconds (None: no limit)."""
+        return parse_time_limit(self.time_limit)
 
 
 @dataclass

@@ -5,9 +5,11 @@ import warnings
 import pytest
 import torch
 
-import pretrain.ops.attention as attention
+import pretrain.ops.attention.blockwise as blockwise
 from pretrain.ops.alibi import slopes
-from pretrain.ops.attention import alibi_attention, blockwise_backward, blockwise_forward, flex_alibi_attention
+from pretrain.ops.attention import alibi_attention
+from pretrain.ops.attention.blockwise import blockwise_backward, blockwise_forward
+from pretrain.ops.attention.flex import flex_alibi_attention
 
 # (batch, heads, q_len, k_len, head_dim, q_offset, k_offset, window)
 SHAPES = [
@@ -85,8 +87,8 @@ def test_log_sum_exp_and_its_gradient(backend):
 
 def test_online_softmax_across_many_key_chunks(monkeypatch):
     # Force small blocks so every row is merged over several key chunks.
-    monkeypatch.setattr(attention, "BLOCK_Q", 32)
-    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(blockwise, "BLOCK_Q", 32)
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 1)
     shape = (1, 6, 500, 500, 8, 0, 0, None)
     q, k, v = make_inputs(shape, torch.float32, seed=5)
     s = slopes(6)
@@ -114,8 +116,8 @@ def test_rows_that_see_no_key_give_zero():
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 32 query rows and 128 keys, so that short sequences cross many block boundaries."""
-    monkeypatch.setattr(attention, "BLOCK_Q", 32)
-    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(blockwise, "BLOCK_Q", 32)
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 1)
 
 
 @pytest.mark.parametrize("with_slopes", [True, False], ids=["alibi", "no-bias"])

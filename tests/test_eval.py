@@ -13,11 +13,12 @@ from train_helpers import SMALL_RUN, run_pretrain
 
 from pretrain.config import EvalConfig, ParallelConfig
 from pretrain.errors import ConfigError
-from pretrain.eval.run import check_eval_split, score_windows
+from pretrain.eval.perplexity import score_windows
+from pretrain.eval.split import check_eval_split
 from pretrain.eval.windows import nonoverlapping_windows, sliding_windows
 from pretrain.model.gpt import GPT
-from pretrain.parallel.sequence_parallel import SequenceLayout
-from pretrain.train.checkpoint import load_weights
+from pretrain.parallel.layout import SequenceLayout
+from pretrain.train.weights import load_weights
 
 # Enough steps that the model has learnt to use its context, so the 4x-length check is not luck
 # (checked over several seeds: see test_alibi_extrapolates_to_four_times_its_training_length).
@@ -278,7 +279,7 @@ def test_the_shards_of_each_window_add_up_to_the_whole_window(mode, zigzag):
     [
         ([64, 66], True, dict(sp_size=2, sp_mode="ulysses"), 4, None),
         ([64, 66], True, dict(sp_size=4, sp_mode="ulysses"), 4,
-         r"eval.lengths holds 66: with each window split over 4 ranks every eval length must be a multiple of "
+         r"eval.lengths holds 66: with each window split over 4 ranks every window length must be a multiple of "
          r"parallel.sp_size=4 \(ulysses: one equal chunk per rank\); for 66 use 64 or 68"),
         ([64, 66, 130], True, dict(sp_size=2, sp_mode="ring", zigzag=True), 4,
          r"eval.lengths holds 66, 130: .* a multiple of 2 \* parallel.sp_size = 4 \(zigzag ring: two equal chunks "

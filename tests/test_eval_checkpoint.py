@@ -14,7 +14,8 @@ import pytest
 import torch
 from train_helpers import SMALL_RUN, run_pretrain
 
-from pretrain.train.checkpoint import COMPLETE, MODEL_CONFIG, load_checkpoint_weights, load_weights
+from pretrain.train.checkpoint import COMPLETE
+from pretrain.train.weights import MODEL_CONFIG, load_checkpoint_weights, load_weights
 
 # Two short lengths (one past the training length, 32), few tokens, no passkey or windowed control: seconds.
 EVAL = ["eval.lengths=[64,128]", "eval.max_tokens=4096", "eval.passkey=false", "eval.window_control=false"]

@@ -130,7 +130,7 @@ def test_an_eval_length_a_group_cannot_split_fails_with_its_name(trained, tmp_pa
     proc = run_pretrain([*args, "parallel=ring2", "eval.lengths=[32,66]"], cwd=workdir, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (
-        "error: eval.lengths holds 66: with each window split over 2 ranks every eval length must be a multiple of "
+        "error: eval.lengths holds 66: with each window split over 2 ranks every window length must be a multiple of "
         "2 * parallel.sp_size = 4 (zigzag ring: two equal chunks per rank); for 66 use 64 or 68"
     ) in proc.stderr
     assert "Traceback" not in proc.stderr

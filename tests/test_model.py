@@ -5,6 +5,7 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.model.gpt import GPT
+from pretrain.train.activation_checkpointing import apply_activation_checkpointing
 
 POS_ENCODINGS = ["alibi", "sinusoidal", "learned", "rope", "none"]
 
@@ -73,10 +74,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(ids, ids).backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.activation_checkpointing = True
+    apply_activation_checkpointing(model.h)
+    calls = []
+    model.h[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     model(ids, ids).backward()
     for a, b in zip(plain, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b)
+    assert len(calls) == 2, "the block's forward must run again in the backward pass (recomputed, not kept)"
+    assert set(model.state_dict()) == set(GPT(tiny()).state_dict()), "parameter names must not change"
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(ids)
+    assert len(calls) == 1
 
 
 def test_tied_head_and_no_bias_variant():
@@ -126,9 +135,7 @@ def test_attention_window_limits_context():
     changed = ids.clone()
     changed[0, :20] = (changed[0, :20] + 1) % 512
     with torch.no_grad():
-        model.set_attention_window(8)
-        a, b = model(ids), model(changed)
+        a, b = model(ids, window=8), model(changed, window=8)
         # Position 59 sees 52..59 in the last layer, and through 2 layers at most 59 - 2 * 7 = 45..59.
         torch.testing.assert_close(a[0, 40:], b[0, 40:])
-        model.set_attention_window(None)
         assert not torch.allclose(model(ids)[0, 40:], model(changed)[0, 40:])

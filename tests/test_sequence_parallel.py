@@ -11,8 +11,9 @@ import pytest
 import torch
 from train_helpers import SMALL_RUN, metrics, run_pretrain
 
+from pretrain.config import ParallelConfig
 from pretrain.errors import ConfigError
-from pretrain.parallel.sequence_parallel import SequenceLayout, check_sequence_parallel
+from pretrain.parallel.layout import SequenceLayout, check_split
 
 WORKER = Path(__file__).parent / "workers" / "sp_equivalence.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -50,8 +51,10 @@ def test_zigzag_balances_causal_work():
     ],
 )
 def test_bad_splits_are_named(args, message):
+    pcfg = ParallelConfig(sp_size=args["sp_size"], sp_mode=args["mode"], zigzag=args["zigzag"])
+    heads = {"the model": args["n_head"]}
     with pytest.raises(ConfigError, match=message):
-        check_sequence_parallel(**args)
+        check_split(pcfg, args["world_size"], [args["seq_len"]], heads, "model.seq_len=", "sequence", "or not")
 
 
 def run_worker(tmp_path, *args):
@@ -118,7 +121,7 @@ def test_bad_sequence_split_fails_before_training(workdir):
         check=False,
     )
     assert proc.returncode != 0
-    assert "model.seq_len=33 is not divisible by parallel.sp_size=2" in proc.stdout + proc.stderr
+    assert "model.seq_len=33: with each sequence split over 2 ranks" in proc.stdout + proc.stderr
 
 
 @pytest.mark.multirank

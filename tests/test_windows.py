@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.eval.run import Scores, binned_positions, position_bins, score_windows
+from pretrain.eval.perplexity import Scores, binned_positions, position_bins, score_windows
 from pretrain.eval.windows import (
     WindowError,
     default_stride,

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-MIB = 1024 * 1024
 MODES = ("none", "ulysses", "ring")
 
 
@@ -34,7 +33,7 @@ def worker(args: argparse.Namespace) -> None:
     from pretrain.model.gpt import GPT
     from pretrain.parallel.distributed import init_deepspeed_comm
     from pretrain.parallel.sequence_parallel import apply_sequence_parallel
-    from pretrain.perf.memory import RssPeakMemory
+    from pretrain.perf.memory import MIB, RssPeakMemory
 
     init_deepspeed_comm("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -44,6 +44,7 @@ from pretrain.data.tokenizer import (
     train_tokenizer,
 )
 from pretrain.errors import PipelineError
+from pretrain.run_files import RunFiles, write_atomic
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -64,14 +65,6 @@ class PreparedCorpus:
     dtype: str
     vocab_size: int
     metadata: dict[str, Any] = field(repr=False)
-
-    @property
-    def eos_id(self) -> int:
-        return self.metadata["special_ids"]["eos"]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.metadata["fingerprint"]
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's shard as a read-only memmap ``[n_tokens]`` (``split`` is ``train`` or ``val``)."""
@@ -206,16 +199,14 @@ def _share_status(ctx, status):
 
 def install_tokenizer(corpus: PreparedCorpus, run_dir: str | Path) -> Path:
     """Copy the corpus's tokenizer to ``<run_dir>/tokenizer/spm.model`` (a contract path); return it."""
-    target = Path(run_dir) / "tokenizer" / TOKENIZER_FILE
+    target = RunFiles(run_dir).tokenizer
     source_bytes = corpus.tokenizer_path.read_bytes()
     if target.is_file():
         if target.read_bytes() == source_bytes:
             return target
         _say(f"replacing {target}: this run's tokenizer changed (other data.* settings than before)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{TOKENIZER_FILE}.{os.getpid()}")
-    partial.write_bytes(source_bytes)
-    os.replace(partial, target)
+    write_atomic(target, source_bytes)
     return target
 
 

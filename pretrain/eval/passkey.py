@@ -18,16 +18,27 @@ Two scores per trial:
   emits the key exactly when the true next token is the arg-max at every step of it.
 - likelihood: the key is more likely than each of ``n_distractors`` random wrong keys (chance:
   ``1 / (n_distractors + 1)``).
+
+The prompts are pure functions of a tokenizer's ``encode``; ``evaluate_passkey`` runs them through a model
+(trials dealt over all ranks, whole prompts on each: only their last logits are needed).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pretrain.config import Config, EvalConfig, ModelConfig
+from pretrain.errors import ConfigError, PipelineError
+from pretrain.eval.windows import shard
+from pretrain.model.gpt import GPT
+from pretrain.model.positions import max_length
+from pretrain.parallel.distributed import DistContext, all_reduce
 
 INSTRUCTION = "There is a pass key hidden in this text. Find it and remember it.\n"
 FILLER = (
@@ -163,3 +174,99 @@ def score_candidates(
     logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
     greedy = bool((logits[0].argmax(dim=-1) == targets[0]).all())
     return logprobs.double().sum(dim=-1).cpu(), greedy
+
+
+PASSKEY_MULTIPLES = (1, 2, 4, 8)
+
+
+def passkey_lengths(cfg: Config, encode) -> tuple[list[int], list[dict]]:
+    """The passkey lengths to run and those skipped (too short for the prompt); explicit ones must all fit."""
+    shortest = min_length(encode)
+    if cfg.eval.passkey_lengths:
+        lengths = sorted(set(cfg.eval.passkey_lengths))
+        if lengths[0] < shortest:
+            raise ConfigError(
+                f"eval.passkey_lengths holds {lengths[0]}: a passkey prompt needs at least {shortest} tokens with "
+                "this tokenizer (instruction, key line, question, answer)"
+            )
+        return lengths, []
+    lengths = [cfg.model.seq_len * m for m in PASSKEY_MULTIPLES]
+    skipped = [
+        {"length": n, "reason": f"a passkey prompt needs at least {shortest} tokens with this tokenizer"}
+        for n in lengths
+        if n < shortest
+    ]
+    return [n for n in lengths if n >= shortest], skipped
+
+
+def evaluate_passkey(
+    model: GPT, model_cfg: ModelConfig, encode, lengths, too_short, ecfg: EvalConfig, ctx: DistContext, say
+):
+    """Accuracy per (length, depth) over ``eval.passkey_trials`` seeded trials, greedy and by likelihood."""
+    device = next(model.parameters()).device
+    limit = max_length(model_cfg)
+    depths = list(ecfg.passkey_depths)
+    skipped = list(too_short)
+    run = []
+    for length in lengths:
+        if limit is not None and length > limit:
+            skipped.append({"length": length, "reason": f"model.pos_encoding=learned has {limit} position rows"})
+        else:
+            run.append(length)
+    jobs = [(li, di, t) for li in range(len(run)) for di in range(len(depths)) for t in range(ecfg.passkey_trials)]
+    counts = torch.zeros(len(run), len(depths), 3, dtype=torch.float64)  # greedy, likelihood, key depth
+    started = time.perf_counter()
+
+    def logits_fn(n):
+        def last_logits(ids):
+            return model.logits(model.hidden_states(ids)[:, -n:])
+
+        return last_logits
+
+    with torch.inference_mode():
+        for li, di, t in shard(jobs, ctx.rank, ctx.world_size):
+            length, depth = run[li], depths[di]
+            rng = trial_rng(ecfg.seed, length, di, t)
+            key = random_key(rng)
+            try:
+                prompt = make_prompt(encode, length, depth, key)
+                wrong = distractor_keys(encode, rng, key, ecfg.passkey_distractors)
+            except ValueError as err:
+                raise PipelineError(f"passkey retrieval at eval.passkey_lengths {length}: {err}") from None
+            answers = [prompt.answer] + [encode(answer_text(k)) for k in wrong]
+            scores, greedy = score_candidates(logits_fn(len(prompt.answer)), prompt.tokens, answers, device)
+            counts[li, di, 0] += float(greedy)
+            counts[li, di, 1] += float(scores[0] > scores[1:].max())
+            counts[li, di, 2] += prompt.key_offset / prompt.filler_tokens
+    counts = all_reduce(counts, ctx)
+    trials = ecfg.passkey_trials
+    cells = [
+        {
+            "length": length,
+            "depth": depth,
+            "greedy": counts[li, di, 0].item() / trials,
+            "likelihood": counts[li, di, 1].item() / trials,
+            "key_depth": counts[li, di, 2].item() / trials,
+            "trials": trials,
+        }
+        for li, length in enumerate(run)
+        for di, depth in enumerate(depths)
+    ]
+    total = max(1, len(cells) * trials)
+    out = {
+        "lengths": run,
+        "depths": depths,
+        "trials": trials,
+        "distractors": ecfg.passkey_distractors,
+        "chance": 1.0 / (ecfg.passkey_distractors + 1),
+        "greedy_accuracy": counts[..., 0].sum().item() / total,
+        "likelihood_accuracy": counts[..., 1].sum().item() / total,
+        "cells": cells,
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    say(
+        f"  passkey: greedy {out['greedy_accuracy']:.0%}, likelihood {out['likelihood_accuracy']:.0%} "
+        f"(chance {out['chance']:.0%}) over {len(cells)} cells x {trials} trials, {out['seconds']:.1f} s"
+    )
+    return out

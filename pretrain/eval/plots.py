@@ -19,9 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from pretrain.model.positions import is_absolute  # noqa: E402
+
 # Absolute position encodings: limiting attention to a window does not bring their positions back inside the
 # trained range, so the windowed control is no reference for them and is not drawn (results.json has it).
-ABSOLUTE = ("sinusoidal", "learned")
 # Bins of the loss-by-position curve with fewer predictions than this are not drawn (too noisy to read).
 MIN_BIN_TOKENS = 512
 
@@ -43,7 +44,7 @@ def plot_ppl_vs_length(report: dict, path: Path) -> Path:
         color = f"C{i}"
         xs = [r["length"] for r in model["results"]]
         ax.plot(xs, [r["ppl"] for r in model["results"]], "o-", color=color, label=_label(model))
-        if any("windowed_ppl" in r for r in model["results"]) and model["pos_encoding"] not in ABSOLUTE:
+        if any("windowed_ppl" in r for r in model["results"]) and not is_absolute(model["pos_encoding"]):
             ax.plot(
                 xs,
                 [r["windowed_ppl"] for r in model["results"]],
@@ -85,7 +86,7 @@ def plot_loss_vs_position(report: dict, path: Path) -> Path:
         ax.plot(
             [x for x, _ in bins], [y for _, y in bins], "-", color=color, label=f"{_label(model)}, L={curve['length']}"
         )
-        relative = model["pos_encoding"] not in ABSOLUTE
+        relative = not is_absolute(model["pos_encoding"])
         if (
             relative
             and curve["bins"]

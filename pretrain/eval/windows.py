@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pretrain.config import Config
+from pretrain.errors import ConfigError
+
 
 class WindowError(ValueError):
     """The token stream is too short for even one window of the asked length."""
@@ -124,3 +127,21 @@ def default_stride(length: int) -> int:
 def shard(windows: list[Window], rank: int, world_size: int) -> list[Window]:
     """This rank's windows: window i goes to rank ``i % world_size``."""
     return windows[rank::world_size]
+
+
+# eval.lengths=null: these multiples of the training length; eval.passkey_lengths=null: these.
+LENGTH_MULTIPLES = (1, 2, 4, 8, 16, 32)
+
+
+def eval_lengths(cfg: Config) -> list[int]:
+    """``eval.lengths``, or the training length times 1, 2, 4, 8, 16, 32; the sliding stride checked against each."""
+    lengths = sorted(set(cfg.eval.lengths or [cfg.model.seq_len * m for m in LENGTH_MULTIPLES]))
+    if cfg.eval.mode == "sliding" and cfg.eval.stride is not None:
+        short = [length for length in lengths if cfg.eval.stride >= length]
+        if short:
+            raise ConfigError(
+                f"eval.stride={cfg.eval.stride} is not allowed: it must be smaller than every eval length, and "
+                f"the lengths include {short[0]} (eval.lengths=null: model.seq_len={cfg.model.seq_len} times "
+                f"{', '.join(map(str, LENGTH_MULTIPLES))})"
+            )
+    return lengths

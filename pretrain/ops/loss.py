@@ -12,6 +12,8 @@ softmax in float32, matrix products in the input dtype, the weight's gradient su
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE_INDEX = -100
@@ -88,3 +90,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     chunk = chunk_tokens(weight.shape[0], hidden.device)
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, with_grads)
+
+
+# exp(50) = 5e21: far above any vocabulary, so the clamp only keeps a diverged loss from overflowing to inf.
+MAX_LOSS_FOR_PERPLEXITY = 50.0
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean cross-entropy in nats, clamped so that a diverged loss gives a finite number."""
+    return math.exp(min(loss, MAX_LOSS_FOR_PERPLEXITY))

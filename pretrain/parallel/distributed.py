@@ -35,6 +35,21 @@ class DistContext:
             dist.barrier()
 
 
+def all_reduce(values: torch.Tensor, ctx: DistContext, op=None) -> torch.Tensor:
+    """``values`` reduced over every rank (sum, or ``op`` such as ``dist.ReduceOp.MAX``), on ``values``' own device.
+
+    The reduction runs on the rank's device: NCCL reduces only CUDA tensors, so a CPU tensor travels there
+    and back. With one rank, ``values`` itself.
+    """
+    if ctx.world_size == 1:
+        return values
+    on_device = values.to(ctx.device)
+    if on_device is values:
+        on_device = values.clone()
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM if op is None else op)
+    return on_device.to(values.device)
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by the DeepSpeed launcher, torchrun or Slurm-started torchrun."""
     rank = int(os.environ.get("RANK", "0"))

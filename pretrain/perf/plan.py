@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import Config, ModelConfig
+from pretrain.model.positions import position_parameters
 from pretrain.ops.loss import chunk_tokens
 from pretrain.parallel.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
 from pretrain.perf.flops import flops_per_token
+from pretrain.perf.memory import MIB
 
-MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 
@@ -38,9 +39,7 @@ def parameter_count(cfg: ModelConfig) -> int:
     total = cfg.vocab_size * h + cfg.n_layer * per_layer + norm
     if cfg.embedding_layernorm:
         total += norm
-    if cfg.pos_encoding == "learned":
-        total += (cfg.max_positions or cfg.seq_len) * h
-    return total
+    return total + position_parameters(cfg)
 
 
 @dataclass(frozen=True)

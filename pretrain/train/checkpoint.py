@@ -16,10 +16,7 @@ A checkpoint becomes ``latest`` only after every rank has written its files and 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import random
 import re
 import shutil
@@ -34,12 +31,15 @@ import torch
 from pretrain.config import ModelConfig
 from pretrain.errors import PipelineError
 from pretrain.parallel.distributed import DistContext
+from pretrain.run_files import write_atomic
 
 LATEST = "latest"
+
+
 TAG_PATTERN = re.compile(r"step_\d{8}")
+
+
 COMPLETE = "complete.json"
-WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "model_config.json"
 
 
 def tag_for_step(step: int) -> str:
@@ -63,12 +63,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, ctx: DistContext, sp_size: int = 1):
         self.directory = Path(directory)
@@ -90,8 +84,8 @@ class CheckpointManager:
             record = {"step": step, "world_size": self.ctx.world_size, "sp_size": self.sp_size}
             if model_cfg is not None:
                 record["model_config"] = asdict(model_cfg)
-            _write_atomic(self.directory / tag / COMPLETE, json.dumps(record))
-            _write_atomic(self.directory / LATEST, tag)
+            write_atomic(self.directory / tag / COMPLETE, json.dumps(record))
+            write_atomic(self.directory / LATEST, tag)
             self._prune(keep=tag)
         self.ctx.barrier()
         return self.directory / tag
@@ -185,138 +179,3 @@ def complete_tags(directory: Path) -> list[str]:
     directory = Path(directory)
     tags = sorted(p.name for p in directory.glob("step_*") if TAG_PATTERN.fullmatch(p.name))
     return [t for t in tags if (directory / t / COMPLETE).exists()]
-
-
-def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, directory: Path, ctx: DistContext, zero_stage: int):
-    """Write ``model.safetensors`` and ``model_config.json``, gathering ZeRO-3 partitions first. All ranks call."""
-    from safetensors.torch import save_file
-
-    params = list(model.parameters())
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.is_main else None
-    else:
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.is_main else None
-    if ctx.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS))
-        _write_atomic(directory / MODEL_CONFIG, json.dumps(asdict(model_cfg), indent=2))
-    ctx.barrier()
-    return directory / WEIGHTS
-
-
-def load_weights(directory: Path) -> tuple[ModelConfig, dict]:
-    """``(ModelConfig, state_dict)`` from a directory written by ``save_weights``, or from one DeepSpeed checkpoint
-    (``step_NNNNNNNN``, see ``load_checkpoint_weights``)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    if is_checkpoint(directory):
-        return load_checkpoint_weights(directory)
-    if not (directory / WEIGHTS).exists():
-        raise PipelineError(f"no {WEIGHTS} in {directory}: train the model first (stage=train)")
-    cfg = ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
-    return cfg, load_file(str(directory / WEIGHTS))
-
-
-def model_config(directory: Path) -> ModelConfig:
-    """The ``ModelConfig`` of the weights ``load_weights(directory)`` reads, without loading them."""
-    directory = Path(directory)
-    if is_checkpoint(directory):
-        return checkpoint_model_config(directory)
-    return ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
-
-
-# ---------------------------------------------------------------- one DeepSpeed checkpoint as a model
-
-
-def is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is one DeepSpeed checkpoint directory: a ``step_NNNNNNNN`` one (complete or not) or any with
-    ``complete.json`` (a universal copy)."""
-    path = Path(path)
-    return path.is_dir() and (TAG_PATTERN.fullmatch(path.name) is not None or (path / COMPLETE).is_file())
-
-
-def checkpoint_model_config(step_dir: Path, where: str | None = None) -> ModelConfig:
-    """The model config recorded in a complete checkpoint's ``complete.json``.
-
-    Raises a PipelineError that starts with ``where`` (the setting that named the directory) and says what to
-    pass instead for an unfinished save, a universal copy, or a checkpoint saved before the config was recorded.
-    """
-    step_dir = Path(step_dir)
-    where = where or f"checkpoint {step_dir}"
-    if step_dir.name.endswith("_universal"):
-        original = step_dir.with_name(step_dir.name.removesuffix("_universal"))
-        raise PipelineError(
-            f"{where} is a universal copy made to resume on another number of ranks; evaluate the checkpoint "
-            f"it was made from: {original}"
-        )
-    if not (step_dir / COMPLETE).is_file():
-        raise PipelineError(
-            f"{where}: checkpoint {step_dir.name} is incomplete (no {COMPLETE}: its save did not finish, or is "
-            f"still running); {_complete_neighbours(step_dir)}"
-        )
-    record = json.loads((step_dir / COMPLETE).read_text())
-    if "model_config" not in record:
-        raise PipelineError(
-            f"{where}: checkpoint {step_dir.name} was saved before checkpoints recorded their model config (its "
-            f"{COMPLETE} has no 'model_config' entry), so its shapes are unknown. Evaluate the run's final weights "
-            f"instead (eval.checkpoint={step_dir.parent}), or record the config by hand: put the object in "
-            f"{step_dir.parent / MODEL_CONFIG} (written when the run finished; otherwise the run's model.* settings "
-            f"with the tokenizer's vocab_size) under 'model_config' in {step_dir / COMPLETE}"
-        )
-    return ModelConfig(**record["model_config"])
-
-
-def _complete_neighbours(step_dir: Path) -> str:
-    """What to pass instead of an incomplete checkpoint: the complete ones just older and just newer."""
-    tags = complete_tags(step_dir.parent)
-    older = [t for t in tags if t < step_dir.name][-1:]
-    newer = [t for t in tags if t > step_dir.name][:1]
-    if not tags:
-        return f"{step_dir.parent} holds no complete checkpoint yet: wait for the next save, or train further"
-    named = [f"{step_dir.parent / t} (older)" for t in older] + [f"{step_dir.parent / t} (newer)" for t in newer]
-    return f"pass a complete one: {' or '.join(named)}"
-
-
-def load_checkpoint_weights(step_dir: Path) -> tuple[ModelConfig, dict]:
-    """``(ModelConfig, float32 state_dict of GPT)`` from one complete DeepSpeed checkpoint ``<checkpoints>/<tag>``.
-
-    ZeRO-1/2/3 keep the float32 master weights partitioned in the ranks' ``*_optim_states.pt``: DeepSpeed's own
-    reader joins them (for ZeRO-3 the model states hold only placeholders). ZeRO-0 writes no optimizer
-    partitions (DeepSpeed's reader fails on it) but the whole module in ``mp_rank_00_model_states.pt``: in the
-    training dtype, so a bf16/fp16 ZeRO-0 run gives its 16-bit weights, as its final model.safetensors does.
-    The names are ``GPT``'s: DeepSpeed saves ``engine.module``'s state dict (no ``module.`` prefix), and the
-    tied LM head is the word embedding itself, so no duplicate entry appears.
-    """
-    step_dir = Path(step_dir)
-    cfg = checkpoint_model_config(step_dir)
-    if any(step_dir.glob("*_optim_states.pt")):
-        state = _zero_master_weights(step_dir)
-    else:
-        state = _module_weights(step_dir)
-    return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def _zero_master_weights(step_dir: Path) -> dict:
-    """The float32 weights joined from a ZeRO-1/2/3 checkpoint's partitions by DeepSpeed's zero_to_fp32."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # It prints its progress to stdout and stderr: kept off the eval stage's console (and out of its errors'
-    # way: a missing partition still raises).
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-        except (FileNotFoundError, ValueError) as err:
-            raise PipelineError(f"could not read the ZeRO partitions of checkpoint {step_dir}: {err}") from None
-
-
-def _module_weights(step_dir: Path) -> dict:
-    """The whole module's state dict that a ZeRO-0 checkpoint keeps in ``mp_rank_00_model_states.pt``."""
-    path = step_dir / "mp_rank_00_model_states.pt"
-    if not path.is_file():
-        raise PipelineError(f"checkpoint {step_dir} holds neither ZeRO partitions nor {path.name}")
-    # mmap: the file also holds the optimizer's moments (twice the weights), which are never read.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["module"]

@@ -17,31 +17,20 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config
-from pretrain.errors import ConfigError
+from pretrain.data.loader import TokenWindowLoader, val_batches
 from pretrain.model.gpt import GPT
 from pretrain.parallel.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
-from pretrain.parallel.distributed import DistContext, build_parallel_groups, ensure_process_group
-from pretrain.parallel.sequence_parallel import SequenceLayout, apply_sequence_parallel, check_sequence_parallel
+from pretrain.parallel.distributed import DistContext, all_reduce, build_parallel_groups, ensure_process_group
+from pretrain.parallel.layout import SequenceLayout, check_split
+from pretrain.parallel.sequence_parallel import apply_sequence_parallel
 from pretrain.perf.flops import flops_per_token, mfu, peak_flops
 from pretrain.perf.memory import MIB, peak_memory_meter, preload_framework_code
-from pretrain.train.checkpoint import CheckpointManager, save_weights
+from pretrain.run_files import RunFiles
+from pretrain.train.activation_checkpointing import apply_activation_checkpointing
+from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.monitor import Monitor
 from pretrain.train.optim import build_optimizer
-
-
-def parse_time_limit(value: str | None) -> float | None:
-    """``train.time_limit`` "HH:MM" (or "HH:MM:SS") as seconds; None for no limit."""
-    if value is None:
-        return None
-    parts = str(value).split(":")
-    try:
-        if len(parts) not in (2, 3):
-            raise ValueError
-        numbers = [int(p) for p in parts] + [0] * (3 - len(parts))
-    except ValueError:
-        raise ConfigError(f"train.time_limit={value!r} is not allowed; write HH:MM or HH:MM:SS") from None
-    hours, minutes, seconds = numbers
-    return float(hours * 3600 + minutes * 60 + seconds)
+from pretrain.train.weights import save_weights
 
 
 class StopSignal:
@@ -67,10 +56,8 @@ class StopSignal:
             reasons.append("train.time_limit")
         if self.stop_at_step is not None and step >= self.stop_at_step:
             reasons.append(f"train.stop_at_step={self.stop_at_step}")
-        # On the rank's device: NCCL reduces only CUDA tensors.
-        flag = torch.tensor([1.0 if reasons else 0.0], device=self.ctx.device)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's signal stops them all, at the same step
+        flag = torch.tensor([1.0 if reasons else 0.0])
+        flag = all_reduce(flag, self.ctx, op=dist.ReduceOp.MAX)  # one rank's signal stops them all, at one step
         if flag.item() > 0:
             self.reason = ", ".join(reasons) or "another rank asked to stop"
             return True
@@ -81,11 +68,8 @@ class StopSignal:
 
 
 def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> float:
-    value = value.detach().float().reshape(1).to(ctx.device)  # NCCL reduces only CUDA tensors
-    if ctx.world_size > 1:
-        dist.all_reduce(value)
-        value /= ctx.world_size
-    return value.item()
+    """The mean of a one-element tensor over all ranks, as a float."""
+    return (all_reduce(value.detach().float().reshape(1), ctx) / ctx.world_size).item()
 
 
 def grad_norm_stage0(model: torch.nn.Module) -> float:
@@ -117,27 +101,28 @@ def validation_loss(engine, batches, ctx: DistContext, layout: SequenceLayout | 
     for inputs, targets in batches:
         total += forward_loss(engine, inputs, targets, layout).float()
         count += 1
-    if ctx.world_size > 1:
-        dist.all_reduce(total)
-        dist.all_reduce(count)
+    total, count = all_reduce(total, ctx), all_reduce(count, ctx)
     engine.train()
     return (total / count.clamp_min(1)).item()
+
+
+def check_training_split(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError when ``parallel.*`` cannot split the training sequences over ``world_size`` ranks."""
+    heads = {"the model": cfg.model.n_head}
+    check_split(
+        cfg.parallel, world_size, [cfg.model.seq_len], heads, "model.seq_len=", "sequence", "or another sp_size"
+    )
 
 
 def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     """Train ``cfg.model`` on a prepared corpus; returns a summary (steps, final loss, where things are)."""
     import deepspeed
 
-    from pretrain.data.loader import TokenWindowLoader, val_batches
-
     run_dir = Path(cfg.run_dir)
     tcfg = cfg.train
-    time_limit_s = parse_time_limit(tcfg.time_limit)
     pcfg = cfg.parallel
-    check_sequence_parallel(
-        cfg.model.seq_len, cfg.model.n_head, ctx.world_size, pcfg.sp_size, pcfg.sp_mode, pcfg.zigzag
-    )
-    checkpoints = CheckpointManager(run_dir / "checkpoints", tcfg.keep_last, ctx, sp_size=pcfg.sp_size)
+    check_training_split(cfg, ctx.world_size)
+    checkpoints = CheckpointManager(RunFiles(run_dir).checkpoints, tcfg.keep_last, ctx, sp_size=pcfg.sp_size)
     found = checkpoints.find(tcfg.resume)  # a bad resume path fails here, before any heavy work
     ensure_process_group(ctx)
     groups = build_parallel_groups(ctx, pcfg.sp_size)
@@ -156,7 +141,8 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(tcfg.seed)
     model = GPT(model_cfg)
-    model.activation_checkpointing = tcfg.activation_checkpointing
+    if tcfg.activation_checkpointing:
+        apply_activation_checkpointing(model.h)
     layout = None
     if groups.sp_size > 1:
         layout = apply_sequence_parallel(model, groups.sp_group, pcfg.sp_mode, model_cfg.seq_len, pcfg.zigzag)
@@ -214,7 +200,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         + (f"; each sequence split over {groups.sp_size} ranks ({pcfg.sp_mode})" if layout else "")
         + (f"\nresumed from {found[0] / found[1]} at step {start_step}" if found else "")
     )
-    stopper = StopSignal(tcfg.stop_at_step, time_limit_s, ctx)
+    stopper = StopSignal(tcfg.stop_at_step, tcfg.time_limit_s, ctx)
     wall_start = time.monotonic()
     step, loss_value = start_step, resumed_loss
     if start_step >= tcfg.max_steps:
@@ -270,7 +256,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                 break
         finished = step >= tcfg.max_steps
         if finished:
-            weights = save_weights(engine.module, model_cfg, run_dir / "checkpoints", ctx, tcfg.zero_stage)
+            weights = save_weights(engine.module, model_cfg, RunFiles(run_dir).checkpoints, ctx, tcfg.zero_stage)
         if finished and step > start_step:
             monitor.write(
                 f"trained {step} steps ({step * tokens_per_step:,} tokens) in {time.monotonic() - wall_start:.0f} s: "

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-import uuid
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pretrain.config import WandbConfig
+from pretrain.ops.loss import perplexity
 from pretrain.parallel.distributed import DistContext
-
-WANDB_ID_FILE = "wandb_id"
+from pretrain.run_files import RunFiles
+from pretrain.tracking import start_wandb
 
 
 class Monitor:
@@ -21,7 +19,7 @@ class Monitor:
 
     On resume the JSONL keeps only steps up to the resumed one (a step logged after the last checkpoint
     is logged again, from the same state), and wandb continues the run whose id is kept in
-    ``<run_dir>/train/wandb_id``.
+    the run directory (``pretrain.tracking``).
     """
 
     def __init__(
@@ -38,39 +36,22 @@ class Monitor:
         self.bar = None
         if not self.active:
             return
-        self.dir = Path(run_dir) / "train"
+        files = RunFiles(run_dir)
+        self.dir = files.train_dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path = files.metrics
+        self.val_path = files.validation
         self._truncate_after(start_step)
         self.metrics_file = self.metrics_path.open("a")
         if wandb_cfg.mode != "disabled":
-            self.wandb = self._start_wandb(wandb_cfg, Path(run_dir), config)
+            self.wandb = start_wandb(wandb_cfg, run_dir, config)
         self.total_steps, self.start_step = total_steps, start_step
 
     def _truncate_after(self, step: int) -> None:
-        for path in (self.metrics_path, self.dir / "val.jsonl"):
+        for path in (self.metrics_path, self.val_path):
             if path.exists():
                 kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
                 path.write_text("".join(f"{line}\n" for line in kept))
-
-    def _start_wandb(self, cfg: WandbConfig, run_dir: Path, config: dict):
-        import wandb
-
-        id_file = self.dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        return wandb.init(
-            id=run_id,
-            resume="allow",
-            mode=cfg.mode,
-            project=cfg.project,
-            entity=cfg.entity,
-            name=cfg.name or run_dir.name,
-            tags=list(cfg.tags),
-            dir=str(run_dir),
-            config=config,
-        )
 
     def log_step(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -95,8 +76,8 @@ class Monitor:
     def log_eval(self, step: int, val_loss: float) -> None:
         if not self.active:
             return
-        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        with (self.dir / "val.jsonl").open("a") as f:
+        record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        with self.val_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({"val/loss": val_loss, "val/ppl": record["val_ppl"]}, step=step)

@@ -35,17 +35,16 @@ def main() -> None:
         pos_encoding=args.pos_encoding,
     )  # fmt: skip
     model = GPT(cfg)
-    model.set_attention_window(args.window)
     tokens = torch.randint(0, 97, (2, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    reference = model(inputs, targets)
+    reference = model(inputs, targets, window=args.window)
     reference.backward()
     want = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
 
     layout = apply_sequence_parallel(model, group, args.mode, args.seq_len, args.zigzag)
-    local = model(layout.shard(inputs), layout.shard(targets), positions=layout.positions())
+    local = model(layout.shard(inputs), layout.shard(targets), positions=layout.positions(), window=args.window)
     # Every rank holds the same number of tokens: the mean of the local means is the sequence's mean.
     (local / layout.sp_size).backward()
     loss = local.detach().clone()

@@ -1,0 +1,275 @@
+"""Scoring windows: the cross-entropy of every prediction, summed per length and by position in the window.
+
+Nothing L x L is built: attention is the fused kernel, logits are formed ``LOGIT_ROWS`` rows at a time from the
+final hidden states (``GPT.logits``), and each length runs ``eval.batch_tokens // L`` windows per forward pass.
+Sums are float64 and all-reduced, so the numbers do not depend on the number of ranks. With
+``eval.window_control`` every length is also scored with attention limited to the training length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pretrain.config import EvalConfig, ModelConfig
+from pretrain.eval.split import EvalSplit
+from pretrain.eval.windows import Window, WindowError, default_stride, make_windows, shared_region
+from pretrain.model.gpt import GPT
+from pretrain.model.positions import max_length
+from pretrain.ops.loss import perplexity
+from pretrain.parallel.distributed import DistContext, all_reduce
+from pretrain.parallel.layout import SequenceLayout, sequence_parts
+from pretrain.perf.memory import MIB, peak_memory_meter, reset_rss_high_water_mark
+
+# Rows of logits formed at once from the hidden states: [4096, vocab] float32 is 128 MiB at vocab 8192.
+LOGIT_ROWS = 4096
+
+
+def token_losses(
+    model: GPT,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of every prediction, float32 ``[B, L]``, from int64 ``inputs``/``targets`` ``[B, L]``.
+
+    ``positions`` ``[L]``: the global positions of a sequence-parallel shard (the installed attention then
+    sees the rest of the window through its group); ``window``: each query sees only its last W keys. The
+    logits are formed ``LOGIT_ROWS`` rows at a time: a ``[B * L, vocab]`` tensor would dominate memory at
+    long lengths.
+    """
+    hidden = model.hidden_states(inputs, positions=positions, window=window)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    out = torch.empty(flat_targets.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows.shape[0], LOGIT_ROWS):
+        end = start + LOGIT_ROWS
+        logits = model.logits(rows[start:end]).float()
+        out[start:end] = F.cross_entropy(logits, flat_targets[start:end], reduction="none")
+    return out.view(targets.shape)
+
+
+@dataclass
+class Scores:
+    """Sums over the scored predictions of a set of windows of one length, in float64 (so a sum over ranks is
+    the one-rank sum up to rounding)."""
+
+    length: int
+    loss_sum: float = 0.0
+    tokens: int = 0
+    position_loss: np.ndarray = field(default=None)  # [length] loss summed by position in the window
+    position_tokens: np.ndarray = field(default=None)  # [length] predictions scored at each position
+
+    def __post_init__(self) -> None:
+        if self.position_loss is None:
+            self.position_loss = np.zeros(self.length, dtype=np.float64)
+        if self.position_tokens is None:
+            self.position_tokens = np.zeros(self.length, dtype=np.int64)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.tokens
+
+    def all_reduce(self, ctx: DistContext) -> Scores:
+        if ctx.world_size > 1:
+            packed = np.concatenate([[self.loss_sum, self.tokens], self.position_loss, self.position_tokens])
+            values = all_reduce(torch.from_numpy(packed).to(torch.float64), ctx).numpy()
+            self.loss_sum, self.tokens = float(values[0]), int(round(values[1]))
+            self.position_loss = values[2 : 2 + self.length].copy()
+            self.position_tokens = np.rint(values[2 + self.length :]).astype(np.int64)
+        return self
+
+
+def score_windows(
+    tokens: np.ndarray,
+    windows: list[Window],
+    losses_fn,
+    batch_size: int,
+    device="cpu",
+    layout: SequenceLayout | None = None,
+) -> Scores:
+    """Sum the scored predictions of ``windows`` over the token stream ``tokens`` ``[n]``.
+
+    ``losses_fn(inputs, targets)`` maps int64 ``[B, L]`` to per-prediction losses ``[B, L]``; windows run
+    ``batch_size`` at a time. Only positions ``window.score_from ..`` count. With a sequence-parallel
+    ``layout``, ``losses_fn(inputs, targets, positions)`` gets this rank's shard of each window and only its
+    predictions are summed (each at its position in the window): the group's sums add up to the whole windows'.
+    """
+    assert windows, "no windows to score"
+    length = windows[0].length
+    scores = Scores(length)
+    positions = np.arange(length) if layout is None else layout.positions().numpy()
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first : first + batch_size]
+        assert all(w.length == length for w in batch)
+        rows = np.stack([np.asarray(tokens[w.start : w.start + length + 1], dtype=np.int64) for w in batch])
+        ids = torch.from_numpy(rows)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        if layout is None:
+            losses = losses_fn(inputs.to(device), targets.to(device))
+        else:
+            shard_positions = layout.positions(device)
+            losses = losses_fn(layout.shard(inputs).to(device), layout.shard(targets).to(device), shard_positions)
+        for w, row in zip(batch, losses.double().cpu().numpy()):
+            scored = positions >= w.score_from
+            scores.loss_sum += float(row[scored].sum())
+            scores.tokens += int(scored.sum())
+            # Positions are distinct within a row, so this fancy-indexed add counts each once.
+            scores.position_loss[positions[scored]] += row[scored]
+            scores.position_tokens[positions[scored]] += 1
+    return scores
+
+
+def position_bins(length: int) -> list[tuple[int, int]]:
+    """Half-octave bins ``[start, end)`` of window positions 0 .. length - 1 (1, 1, 2, 3, 4, 6, 8, 11, ...)."""
+    edges = {0, length}
+    k = 0
+    while (edge := round(2 ** (k / 2))) < length:
+        edges.add(edge)
+        k += 1
+    ordered = sorted(edges)
+    return list(zip(ordered[:-1], ordered[1:]))
+
+
+def binned_positions(scores: Scores) -> list[dict]:
+    """Loss by position in the window, in half-octave bins (only bins with scored predictions)."""
+    out = []
+    for start, end in position_bins(scores.length):
+        n = int(scores.position_tokens[start:end].sum())
+        if n:
+            out.append(
+                {"start": start, "end": end, "loss": float(scores.position_loss[start:end].sum() / n), "tokens": n}
+            )
+    return out
+
+
+def score_length(
+    model: GPT, tokens, windows, length: int, batch_size: int, window: int | None, ctx, layout=None
+) -> Scores:
+    """This rank's windows of one length scored (attention limited to ``window`` keys when set), summed over ranks.
+
+    Under sequence parallelism (``layout``) this rank scores its shard of each window; the sum over all ranks
+    is still each window scored once.
+    """
+    device = next(model.parameters()).device
+
+    def losses_fn(inputs, targets, positions=None):
+        return token_losses(model, inputs, targets, positions, window)
+
+    with torch.inference_mode():
+        local = score_windows(tokens, windows, losses_fn, batch_size, device, layout) if windows else Scores(length)
+    return local.all_reduce(ctx)
+
+
+def evaluate_model(
+    model: GPT, model_cfg: ModelConfig, tokens: np.ndarray, ecfg: EvalConfig, lengths, ctx, say, split: EvalSplit
+):
+    """Score one model at every length: ``(results, skipped, loss_by_position)`` as results.json holds them."""
+    results, skipped, by_position = [], [], []
+    limit = max_length(model_cfg)
+    _warm_up(model, split, limit)
+    # Under eval.max_tokens, regions of the longest length: every length scores the same tokens.
+    region = shared_region(lengths, len(tokens))
+    for length in lengths:
+        if limit is not None and length > limit:
+            reason = (
+                f"model.pos_encoding=learned has {limit} position rows (model.max_positions); it cannot read "
+                f"{length} tokens"
+            )
+            skipped.append({"length": length, "reason": reason})
+            say(f"  length {length:>6}: skipped: {reason}")
+            continue
+        stride = (ecfg.stride or default_stride(length)) if ecfg.mode == "sliding" else None
+        try:
+            windows = make_windows(ecfg.mode, len(tokens), length, stride, ecfg.max_tokens, region)
+        except WindowError as err:
+            reason = f"the validation split is too short: {err}"
+            skipped.append({"length": length, "reason": reason})
+            say(f"  warning: length {length} skipped: {reason} (raise data.val_fraction or lower eval.lengths)")
+            continue
+        batch_size = split.batch_size(ecfg.batch_tokens, length)
+        mine = split.windows(windows)
+        started = time.perf_counter()
+        meter = _memory_meter(model)
+        with split.layout(model, length) as layout:
+            full, windowed = _score_both(model, model_cfg, tokens, mine, length, batch_size, ecfg, ctx, layout)
+        entry = {
+            "length": length,
+            "loss": full.loss,
+            "ppl": perplexity(full.loss),
+            "tokens": full.tokens,
+            "windows": len(windows),
+            "min_context": length - windows[0].n_scored + 1,
+        }
+        if stride is not None:
+            entry["stride"] = stride
+        entry["peak_mib"] = _peak_mib(meter, ctx)
+        curve = {"length": length, "bins": binned_positions(full)}
+        if windowed is not None:
+            entry.update(
+                windowed_loss=windowed.loss,
+                windowed_ppl=perplexity(windowed.loss),
+                loss_minus_windowed=full.loss - windowed.loss,
+            )
+            for item, wbin in zip(curve["bins"], binned_positions(windowed)):
+                item["windowed_loss"] = wbin["loss"]
+        seconds = time.perf_counter() - started
+        entry["seconds"] = round(seconds, 3)
+        results.append(entry)
+        by_position.append(curve)
+        note = f", windowed {entry['windowed_loss']:.4f}" if ecfg.window_control else ""
+        say(
+            f"  length {length:>6}: loss {full.loss:.4f} (ppl {perplexity(full.loss):.2f}{note}), "
+            f"{full.tokens:,} tokens in {len(windows)} windows, {seconds:.1f} s"
+        )
+    return results, skipped, by_position
+
+
+def _warm_up(model: GPT, split: EvalSplit, limit: int | None) -> None:
+    """One tiny forward pass through the same path (kernels, communication) before any length is measured, so
+    the first length's ``peak_mib`` is its windows' memory, not one-off set-up (thread pools, comm buffers)."""
+    device = next(model.parameters()).device
+    length = 8 * sequence_parts(split.groups.sp_size, split.mode, split.zigzag)
+    if limit is not None and length > limit:  # a learned table too short for it: no warm-up
+        return
+    ids = torch.zeros(1, length, dtype=torch.long)
+    with split.layout(model, length) as layout, torch.inference_mode():
+        if layout is None:
+            token_losses(model, ids.to(device), ids.to(device))
+        else:
+            token_losses(model, layout.shard(ids).to(device), layout.shard(ids).to(device), layout.positions(device))
+
+
+def _memory_meter(model: GPT):
+    """A started peak-memory meter for this rank (None where the CPU's RSS high-water mark cannot be reset)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" and not reset_rss_high_water_mark():
+        return None
+    meter = peak_memory_meter(device)
+    meter.start()
+    return meter
+
+
+def _peak_mib(meter, ctx: DistContext) -> float | None:
+    """The largest peak over ranks of the memory that scoring one length added (activations, logits): with
+    each window split over P ranks its part that grows with the length shrinks about P-fold."""
+    peak = torch.tensor([-1.0 if meter is None else meter.peak_extra_bytes() / MIB], dtype=torch.float64)
+    peak = all_reduce(peak, ctx, op=dist.ReduceOp.MAX)
+    return None if peak.item() < 0 else round(peak.item(), 1)
+
+
+def _score_both(model, model_cfg, tokens, windows, length, batch_size, ecfg, ctx, layout):
+    """The full-context scores of one length and, with ``eval.window_control``, the windowed ones (else None)."""
+    full = score_length(model, tokens, windows, length, batch_size, None, ctx, layout)
+    if not ecfg.window_control:
+        return full, None
+    # Within the training length the window changes nothing: the same numbers, not computed twice.
+    if length <= model_cfg.seq_len:
+        return full, full
+    return full, score_length(model, tokens, windows, length, batch_size, model_cfg.seq_len, ctx, layout)

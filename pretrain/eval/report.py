@@ -1,0 +1,102 @@
+"""What the evaluation stage leaves: ``results.json``, the plots, the console table and the wandb run's table.
+Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+
+from pretrain.config import Config
+from pretrain.eval.plots import plot_loss_vs_position, plot_passkey, plot_ppl_vs_length
+from pretrain.run_files import RunFiles, write_atomic
+from pretrain.tracking import start_wandb
+
+
+def write_outputs(cfg: Config, report: dict, say) -> None:
+    """``results.json``, the plots, the console table and (when enabled) wandb. Rank 0 only."""
+    files = RunFiles(cfg.run_dir)
+    out_dir = files.eval_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = files.eval_results
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
+    plots = {
+        "ppl_vs_length": plot_ppl_vs_length(report, out_dir / "ppl_vs_length.png"),
+        "loss_vs_position": plot_loss_vs_position(report, out_dir / "loss_vs_position.png"),
+    }
+    if any(m.get("passkey", {}).get("cells") for m in report["models"]):
+        plots["passkey"] = plot_passkey(report, out_dir / "passkey.png")
+    say(format_table(report))
+    say(f"[eval] wrote {path} and {', '.join(p.name for p in plots.values())} in {out_dir}")
+    if cfg.wandb.mode != "disabled":
+        log_to_wandb(cfg, report, plots)
+
+
+def format_table(report: dict) -> str:
+    """The console table: one block per model, one row per length."""
+    lines = []
+    for model in report["models"]:
+        control = any("windowed_loss" in r for r in model["results"])
+        lines.append(f"\n{_label(model)}, {report['mode']} windows")
+        header = f"{'length':>7} {'x train':>7} {'loss':>7} {'ppl':>9} {'tokens':>9}"
+        if control:
+            header += f" {'windowed':>9} {'full-windowed':>14}"
+        lines += [header, "-" * len(header)]
+        for r in model["results"]:
+            row = (
+                f"{r['length']:>7} {r['length'] / model['train_seq_len']:>7.3g} {r['loss']:>7.4f} {r['ppl']:>9.2f} "
+                f"{r['tokens']:>9,}"
+            )
+            if control:
+                row += f" {r['windowed_loss']:>9.4f} {r['loss_minus_windowed']:>+14.4f}"
+            lines.append(row)
+        for s in model["skipped"]:
+            lines.append(f"{s['length']:>7}  skipped: {s['reason']}")
+        passkey = model.get("passkey")
+        for s in (passkey or {}).get("skipped", []):
+            lines.append(f"passkey at {s['length']} skipped: {s['reason']}")
+        if passkey and passkey["cells"]:
+            lines.append(
+                f"passkey retrieval (accuracy greedy / likelihood vs {passkey['distractors']} distractors, chance "
+                f"{passkey['chance']:.0%}; {passkey['trials']} trials per cell):"
+            )
+            lines.append(f"{'depth':>7} " + " ".join(f"{n:>11}" for n in passkey["lengths"]))
+            for depth in passkey["depths"]:
+                row = [c for c in passkey["cells"] if c["depth"] == depth]
+                lines.append(f"{depth:>7.2f} " + " ".join(f"{c['greedy']:>5.0%}/{c['likelihood']:<5.0%}" for c in row))
+    return "\n".join(lines)
+
+
+def _label(model: dict) -> str:
+    return f"{model['name']} ({model['pos_encoding']}, trained at {model['train_seq_len']})"
+
+
+def log_to_wandb(cfg: Config, report: dict, plots: dict) -> None:
+    """A table and the plots under the trained model's wandb run (its id is in ``<run_dir>/train/wandb_id``)."""
+    import wandb
+
+    run = start_wandb(cfg.wandb, cfg.run_dir)
+    try:
+        columns = ["model", "pos_encoding", "length", "loss", "ppl", "tokens", "windowed_loss", "loss_minus_windowed"]
+        table = wandb.Table(columns=columns)
+        for model in report["models"]:
+            for r in model["results"]:
+                table.add_data(
+                    model["name"],
+                    model["pos_encoding"],
+                    r["length"],
+                    r["loss"],
+                    r["ppl"],
+                    r["tokens"],
+                    r.get("windowed_loss"),
+                    r.get("loss_minus_windowed"),
+                )
+        logged = {"eval/results": table, **{f"eval/{k}": wandb.Image(str(v)) for k, v in plots.items()}}
+        passkey = report.get("passkey")
+        if passkey and passkey["cells"]:
+            cells = wandb.Table(columns=["length", "depth", "greedy", "likelihood", "trials"])
+            for c in passkey["cells"]:
+                cells.add_data(c["length"], c["depth"], c["greedy"], c["likelihood"], c["trials"])
+            logged["eval/passkey"] = cells
+        run.log(logged)
+        run.summary.update({f"eval/ppl@{r['length']}": r["ppl"] for r in report["results"]})
+    finally:
+        run.finish()

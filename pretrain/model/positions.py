@@ -1,0 +1,115 @@
+"""Every position encoding in one module: what each does, and what the rest of the pipeline needs to know of it.
+
+``PositionEncoding`` is the model's part (``embed`` adds absolute positions to the token embeddings,
+``rotate`` rotates queries and keys, ``slopes`` is the ALiBi buffer the attention kernel reads).
+``ENCODINGS`` describes each encoding to the stages that must treat them differently: whether it is absolute
+(a table added to the embeddings: a length past training is not expected to work), the longest input it can
+read, and the parameters it adds. A new encoding is a change here (and its name in ``config.POS_ENCODINGS``,
+where the command line's allowed values are checked before any work).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import POS_ENCODINGS, ModelConfig
+from pretrain.ops.alibi import slopes as alibi_slopes
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What the stages need to know of one position encoding."""
+
+    name: str
+    absolute: bool  # positions added to the token embeddings (sinusoidal, learned)
+    table: bool = False  # a learned table of model.max_positions rows: the longest input, and parameters
+
+
+ENCODINGS = {
+    "alibi": Encoding("alibi", absolute=False),
+    "sinusoidal": Encoding("sinusoidal", absolute=True),
+    "learned": Encoding("learned", absolute=True, table=True),
+    "rope": Encoding("rope", absolute=False),
+    "none": Encoding("none", absolute=False),
+}
+assert tuple(ENCODINGS) == POS_ENCODINGS, "config.POS_ENCODINGS must name exactly the encodings defined here"
+
+
+def is_absolute(name: str) -> bool:
+    """Whether the encoding adds absolute positions to the embeddings (its curve past training is not ALiBi's)."""
+    return ENCODINGS[name].absolute
+
+
+def max_length(cfg: ModelConfig) -> int | None:
+    """The longest input a model can read: a learned table has its rows; other encodings have no limit."""
+    return (cfg.max_positions or cfg.seq_len) if ENCODINGS[cfg.pos_encoding].table else None
+
+
+def position_parameters(cfg: ModelConfig) -> int:
+    """Parameters the encoding adds to the model (a learned table's rows times d_model; none for the others)."""
+    return max_length(cfg) * cfg.d_model if ENCODINGS[cfg.pos_encoding].table else 0
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017) position table, float32 ``[n_positions, dim]`` (sin on even, cos on odd dims)."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)[:, : dim // 2]
+    return table.float()
+
+
+def rope_rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021) of ``x`` ``[B, H, L, D]`` at ``positions`` ``[L]``, half-split layout."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, device=x.device, dtype=torch.float32) / half))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class PositionEncoding(nn.Module):
+    """Everything a position encoding does, in one place.
+
+    ``embed`` adds absolute positions to the token embeddings (sinusoidal, learned), ``rotate`` rotates
+    queries and keys (rope), and ``slopes`` is the ALiBi slope buffer the attention kernel reads (alibi).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.pos_encoding
+        self.rope_base = cfg.rope_base
+        self.max_positions = cfg.max_positions or cfg.seq_len
+        slopes = alibi_slopes(cfg.n_head) if self.kind == "alibi" else None
+        # float32 always: a bf16 slope would round the bias (see alibi.py). Not a parameter: never trained.
+        self.register_buffer("slopes", slopes, persistent=False)
+        if self.kind == "learned":
+            self.table = nn.Embedding(self.max_positions, cfg.d_model)
+        elif self.kind == "sinusoidal":
+            self.register_buffer("table", sinusoidal_table(self.max_positions, cfg.d_model), persistent=False)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.kind == "learned":
+            if int(positions.max()) >= self.max_positions:
+                raise ValueError(
+                    f"position {int(positions.max())} is beyond the learned position table of "
+                    f"{self.max_positions} rows (model.max_positions); a learned encoding cannot go longer"
+                )
+            return x + self.table(positions)
+        if self.kind == "sinusoidal":
+            if int(positions.max()) >= self.table.shape[0]:
+                # The formula extends to any length; grow the table rather than refuse.
+                self.table = sinusoidal_table(int(positions.max()) + 1, x.shape[-1]).to(x.device)
+            return x + self.table[positions].to(x.dtype)
+        return x
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+        if self.kind != "rope":
+            return q, k
+        return rope_rotate(q, q_pos, self.rope_base), rope_rotate(k, k_pos, self.rope_base)

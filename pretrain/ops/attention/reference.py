@@ -1,0 +1,39 @@
+"""The reference backends: a materialized ``L x L`` bias, ``sdpa`` (what Hugging Face's BLOOM does) and
+``eager`` (plain softmax math). They are what the fused kernels are tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.ops.alibi import alibi_bias, causal_mask, positions
+
+
+def _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window):
+    q_pos = positions(q_offset, q.shape[2], q.device)
+    k_pos = positions(k_offset, k.shape[2], q.device)
+    mask = causal_mask(q_pos, k_pos, window)
+    if slopes is None:
+        bias = torch.zeros(1, q.shape[2], k.shape[2], device=q.device)
+    else:
+        bias = alibi_bias(slopes.to(q.device), q_pos, k_pos)
+    return bias, mask
+
+
+def eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
+    bias, mask = _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.matmul(probs, v.float())
+    return out.to(q.dtype), lse
+
+
+def sdpa_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
+    bias, mask = _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window)
+    # The materialized L x L additive mask, in the activation dtype, as Hugging Face's BLOOM builds it.
+    attn_bias = bias.masked_fill_(~mask, float("-inf")).to(q.dtype).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+    # A row that sees no key is all -inf: SDPA gives nan there, the other backends zero.
+    return torch.nan_to_num(out, nan=0.0)

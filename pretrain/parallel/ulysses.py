@@ -1,0 +1,50 @@
+"""DeepSpeed-Ulysses with correct ALiBi: an all-to-all turns a sequence shard into a head shard.
+
+Each rank then runs the fused kernel over the whole sequence for global heads ``sp_rank * H/P .. (sp_rank + 1)
+* H/P - 1``, **with the slopes of exactly those heads** (``alibi.head_slopes``): giving a rank the slopes of
+heads 0..H/P - 1 is the bug BLOOM's Megatron-DeepSpeed and flashinfer once had.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.ops.alibi import head_slopes
+from pretrain.ops.attention import alibi_attention
+
+
+class UlyssesAttention:
+    """Attention over a sequence shard through DeepSpeed-Ulysses' all-to-all, with this rank's head slopes."""
+
+    def __init__(self, group, n_head: int, backend: str = "fused"):
+        from deepspeed.sequence.layer import DistributedAttention
+
+        self.group = group
+        self.sp_size = dist.get_world_size(group)
+        self.sp_rank = dist.get_rank(group)
+        self.n_head = n_head
+        self.backend = backend
+        # Tensors cross the all-to-all as [batch, seq, heads, dim]: scatter heads (2), gather sequence (1).
+        self.dist_attn = DistributedAttention(self._local, group, scatter_idx=2, gather_idx=1)
+        heads_here = n_head // self.sp_size
+        # After the all-to-all this rank attends global heads sp_rank * H/P ...: their slopes, from the one rule.
+        self.rank_slopes = head_slopes(n_head, self.sp_rank * heads_here, heads_here)
+        self._slopes: Optional[torch.Tensor] = None
+        self._window: Optional[int] = None
+
+    def _local(self, q, k, v, *args, **kwargs):
+        # [B, L, H/P, D] for the whole sequence and this rank's heads.
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = alibi_attention(q, k, v, self._slopes, 0, 0, backend=self.backend, window=self._window)
+        return out.transpose(1, 2)
+
+    def __call__(self, q, k, v, slopes, q_offset=0, k_offset=0, window=None):
+        # ``slopes`` is the model's buffer for all heads (None: the model has no ALiBi).
+        self._slopes = None if slopes is None else self.rank_slopes.to(slopes.device)
+        self._window = window
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, L/P, H, D]
+        out = self.dist_attn(q, k, v, 0)
+        return out.transpose(1, 2)
