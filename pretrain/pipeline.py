@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.config import Config
 from pretrain.data.prepare import run_prepare
 from pretrain.errors import ConfigError, PipelineError
-from pretrain.eval.run import run_eval
+from pretrain.eval.run import plan_eval, run_eval
 from pretrain.eval.split import check_eval_split
 from pretrain.eval.windows import eval_lengths
 from pretrain.parallel.deepspeed_config import deepspeed_config
@@ -36,7 +36,7 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
         cfg = to_config(dict_cfg)
         if not cfg.print_plan:
             check_before_work(cfg, launcher_env()[1])
-    except ConfigError as err:
+    except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if cfg.print_plan:
@@ -54,13 +54,15 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
 
 def check_before_work(cfg: Config, world_size: int) -> None:
     """Raise ConfigError for what the schemas cannot check alone: splits over ``world_size`` ranks, the
-    DeepSpeed config with ``train.deepspeed`` merged in, and (for ``stage=all``) the eval lengths, so that no
-    corpus is prepared and no step trained for a run that would fail later."""
+    DeepSpeed config with ``train.deepspeed`` merged in, and the eval lengths (for ``stage=eval`` also the models'
+    paths, PipelineError), so that no corpus is prepared and no step trained for a run that would fail later."""
     if cfg.stage == "all":
         # The eval stage checks again with the trained model's own length and heads.
         heads = {"model": cfg.model.n_head}
         explicit = bool(cfg.eval.lengths)
         check_eval_split(eval_lengths(cfg), explicit, cfg.model.seq_len, heads, cfg.parallel, world_size)
+    if cfg.stage == "eval":
+        plan_eval(cfg, world_size)
     if cfg.stage in ("all", "train"):
         check_training_split(cfg, world_size)
         sp_size = cfg.parallel.sp_size

@@ -29,10 +29,23 @@ from pretrain.errors import PipelineError
 from pretrain.eval.passkey import evaluate_passkey, passkey_lengths
 from pretrain.eval.perplexity import evaluate_model
 from pretrain.eval.report import write_outputs
-from pretrain.eval.sources import load_model, resolve_sources, source_model_config
+from pretrain.eval.sources import ModelSource, load_model, resolve_sources, source_model_config
 from pretrain.eval.split import check_eval_split, make_split
 from pretrain.eval.windows import eval_lengths
 from pretrain.parallel.distributed import DistContext
+
+
+def plan_eval(cfg: Config, world_size: int) -> tuple[Config, list[ModelSource], list[int]]:
+    """The models and lengths to evaluate, every path and split checked (PipelineError, ConfigError) from the
+    files alone: the pipeline calls it before any work, ``run_eval`` again when it starts. The returned config
+    has the (first) evaluated model's training length: the default lengths follow it, not ``model.*``."""
+    sources = resolve_sources(cfg)
+    primary_cfg = source_model_config(sources[0])
+    cfg = _with_seq_len(cfg, primary_cfg.seq_len)
+    lengths = eval_lengths(cfg)
+    heads = {f"{s.name} ({s.key})": source_model_config(s).n_head for s in sources}
+    check_eval_split(lengths, bool(cfg.eval.lengths), primary_cfg.seq_len, heads, cfg.parallel, world_size)
+    return cfg, sources, lengths
 
 
 def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
@@ -40,13 +53,7 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
 
     say = print if ctx.is_main else (lambda *args, **kwargs: None)
     ecfg = cfg.eval
-    sources = resolve_sources(cfg)  # every path checked before any work
-    primary_cfg = source_model_config(sources[0])
-    # The lengths follow the (first) evaluated model's training length, not the command line's model.*.
-    cfg = _with_seq_len(cfg, primary_cfg.seq_len)
-    lengths = eval_lengths(cfg)
-    heads = {f"{s.name} ({s.key})": source_model_config(s).n_head for s in sources}
-    check_eval_split(lengths, bool(ecfg.lengths), primary_cfg.seq_len, heads, cfg.parallel, ctx.world_size)
+    cfg, sources, lengths = plan_eval(cfg, ctx.world_size)
     split = make_split(cfg.parallel, ctx)
     sp = load_tokenizer(corpus.tokenizer_path)
     encode = sp.encode
