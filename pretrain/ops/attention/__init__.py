@@ -23,11 +23,13 @@ import math
 
 import torch
 
+from pretrain.config import ATTENTION_BACKENDS
 from pretrain.ops.attention.blockwise import BlockwiseAlibiAttention
 from pretrain.ops.attention.flex import flex_alibi_attention
 from pretrain.ops.attention.reference import eager_attention, sdpa_attention
 
-BACKENDS = ("fused", "sdpa", "eager")
+# The names model.attention accepts; the command line checks them before any kernel is imported.
+BACKENDS = ATTENTION_BACKENDS
 
 
 def alibi_attention(
