@@ -1,17 +1,13 @@
-"""Helpers shared by the data tests: small configs, corpora written to disk, and the CLI in a subprocess."""
+"""Helpers shared by the data tests (unit and end-to-end): small configs, corpora on disk, what a cache holds."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from pretrain.config import Config, DataConfig
 from pretrain.data.corpus import stdlib_files, stdlib_root
 
-REPO = Path(__file__).resolve().parent.parent
 # Small enough to prepare in about a second, large enough for a 512-piece vocabulary.
 SMALL = {"max_files": 30, "vocab_size": 512, "num_proc": 1, "tokenizer_sample_chars": 300_000}
 
@@ -73,10 +69,3 @@ def complete_corpora(cache_dir: Path) -> list[Path]:
 def leftovers(cache_dir: Path) -> list[Path]:
     """Temporary build directories left in ``cache_dir``."""
     return sorted(cache_dir.glob(".tmp-*")) if cache_dir.exists() else []
-
-
-def run_cli(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 300):
-    """Run ``python -m pretrain ARGS`` (or ``LAUNCHER --module pretrain ARGS``); return the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    command = [*launcher, "--module", "pretrain", *args] if launcher else [sys.executable, "-m", "pretrain", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

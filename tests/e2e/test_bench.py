@@ -1,12 +1,10 @@
-"""The benchmarks through their command line, on tiny sizes (no timing assertions), and the RSS meter they use."""
+"""The benchmarks through their command line, on tiny sizes (no timing assertions)."""
 
 import json
 
 import pytest
 import torch
-from bench_helpers import run_bench
-
-from pretrain.perf.memory import MIB, RssPeakMemory, reset_rss_high_water_mark
+from cli import run_bench
 
 
 def test_attention_bench_writes_rows(tmp_path):
@@ -47,17 +45,6 @@ def test_unknown_benchmark_is_a_clear_error():
     proc = run_bench("no_such_bench")
     assert proc.returncode != 0
     assert "invalid choice: 'no_such_bench'" in proc.stderr and "attention" in proc.stderr
-
-
-@pytest.mark.skipif(not reset_rss_high_water_mark(), reason="needs Linux /proc/self/clear_refs")
-def test_rss_meter_sees_a_known_allocation():
-    meter = RssPeakMemory()
-    meter.start()
-    block = torch.ones(64 * MIB // 4)  # 64 MiB, touched
-    del block
-    assert 60 <= meter.peak_extra_bytes() / MIB <= 80
-    meter.start()  # a fresh start forgets the 64 MiB peak
-    assert meter.peak_extra_bytes() / MIB < 16
 
 
 @pytest.mark.multirank

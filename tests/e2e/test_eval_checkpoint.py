@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import SMALL_RUN, run_pretrain
+from cli import SMALL_RUN, run_pretrain
 
 from pretrain.train.checkpoint import COMPLETE
 from pretrain.train.weights import MODEL_CONFIG, load_checkpoint_weights, load_weights

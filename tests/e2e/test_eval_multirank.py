@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from train_helpers import SMALL_RUN, run_pretrain
+from cli import SMALL_RUN, run_pretrain
 
 pytestmark = [
     pytest.mark.multirank,

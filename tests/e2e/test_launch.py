@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, SMALL_RUN, free_port, losses, run_pretrain
+from cli import REPO, SMALL_RUN, cli_env, free_port, losses, run_pretrain
 
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
@@ -44,15 +44,16 @@ fi
 """
 
 
+# Slurm's, the launchers' and the ranks' own variables: a test sets the ones it means.
+LAUNCH_VARIABLES = (
+    "SLURM_", "MASTER_", "PMI_", "OMPI_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "GPUS_PER_NODE", "LAUNCHER",
+    "OMP_NUM_THREADS",
+)  # fmt: skip
+
+
 def clean_env(**extra) -> dict:
-    """This process's environment without any Slurm, launcher or wandb variables, plus ``extra``."""
-    drop = ("SLURM_", "WANDB_", "MASTER_", "PMI_", "OMPI_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GPUS_PER_NODE", "LAUNCHER", "OMP_NUM_THREADS"):
-        env.pop(key, None)
-    env.update(PYTHONUNBUFFERED="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    """The programs' environment (see ``cli_env``) without any Slurm or launcher variables, plus ``extra``."""
+    return cli_env(extra, unset=LAUNCH_VARIABLES)
 
 
 def sourced(script: str, **env) -> subprocess.CompletedProcess:

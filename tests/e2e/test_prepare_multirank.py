@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pytest
-from data_fixtures import complete_corpora, leftovers, run_cli
+from cli import run_cli
+from data_fixtures import complete_corpora, leftovers
 
 pytestmark = [
     pytest.mark.multirank,
     pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs the deepspeed launcher"),
 ]
-
-
-def launcher() -> list[str]:
-    with socket.socket() as probe:  # a free port, so parallel test runs do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port)]
 
 
 def test_two_ranks_prepare_once_then_reuse(tmp_path):
@@ -30,7 +23,7 @@ def test_two_ranks_prepare_once_then_reuse(tmp_path):
         "data.vocab_size=400",
         "data.num_proc=1",
     ]
-    first = run_cli(args, tmp_path, launcher=launcher())
+    first = run_cli(["pretrain", *args], cwd=tmp_path, ranks=2, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "dist_world_size=2" in first.stdout + first.stderr
     output = first.stdout
@@ -38,7 +31,7 @@ def test_two_ranks_prepare_once_then_reuse(tmp_path):
     assert output.count("[prepare] prepared stdlib: 12 documents") == 1
     assert len(complete_corpora(tmp_path / "cache")) == 1 and leftovers(tmp_path / "cache") == []
     assert (tmp_path / "run" / "tokenizer" / "spm.model").is_file()
-    second = run_cli(args, tmp_path, launcher=launcher())
+    second = run_cli(["pretrain", *args], cwd=tmp_path, ranks=2, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert second.stdout.count("[prepare] reusing the prepared corpus") == 1
     assert "training a bpe tokenizer" not in second.stdout
@@ -46,7 +39,7 @@ def test_two_ranks_prepare_once_then_reuse(tmp_path):
 
 def test_an_error_on_rank_0_stops_every_rank(tmp_path):
     args = ["stage=prepare", f"run_dir={tmp_path / 'run'}", "data=files", f"data.paths=[{tmp_path}/none/*.jsonl]"]
-    failed = run_cli(args, tmp_path, launcher=launcher(), timeout=240)
+    failed = run_cli(["pretrain", *args], cwd=tmp_path, ranks=2, timeout=240)
     assert failed.returncode != 0
     assert "error: data.paths:" in failed.stderr and "matches no file" in failed.stderr
     assert "error: rank 0 could not prepare the corpus: data.paths:" in failed.stderr

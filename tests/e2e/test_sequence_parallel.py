@@ -1,67 +1,19 @@
-"""Sequence parallelism: the layout arithmetic, bad splits, and 2 ranks against the full sequence."""
+"""Sequence parallelism on 2 ranks against the full sequence: one step in a torchrun worker, and training runs."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from train_helpers import SMALL_RUN, metrics, run_pretrain
-
-from pretrain.config import ParallelConfig
-from pretrain.errors import ConfigError
-from pretrain.parallel.layout import SequenceLayout, check_split
+from cli import SMALL_RUN, metrics, run_pretrain, run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "sp_equivalence.py"
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.mark.parametrize("zigzag", [False, True])
-def test_layouts_cover_the_sequence_once(zigzag):
-    seq_len, sp_size = 24, 3
-    layouts = [SequenceLayout(seq_len, sp_size, r, zigzag) for r in range(sp_size)]
-    held = torch.cat([layout.positions() for layout in layouts])
-    assert sorted(held.tolist()) == list(range(seq_len))
-    tokens = torch.arange(100, 100 + seq_len)[None]
-    for layout in layouts:
-        assert torch.equal(layout.shard(tokens)[0], 100 + layout.positions())
-
-
-def test_zigzag_balances_causal_work():
-    # Rank r holds chunks r and 2P-1-r: the number of (query, key) pairs it must score is the same on every rank.
-    seq_len, sp_size = 32, 4
-    work = []
-    for rank in range(sp_size):
-        positions = SequenceLayout(seq_len, sp_size, rank, zigzag=True).positions()
-        work.append(int((positions + 1).sum()))
-    assert len(set(work)) == 1
-    assert SequenceLayout(seq_len, sp_size, 1, zigzag=True).segments == [(4, 4), (24, 4)]
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (dict(seq_len=45, n_head=4, world_size=2, sp_size=2, mode="ring", zigzag=False), "model.seq_len=45"),
-        (dict(seq_len=42, n_head=4, world_size=2, sp_size=2, mode="ring", zigzag=True), "2 \\* parallel.sp_size = 4"),
-        (dict(seq_len=44, n_head=6, world_size=4, sp_size=4, mode="ulysses", zigzag=False), "model.n_head=6"),
-        (dict(seq_len=44, n_head=4, world_size=3, sp_size=2, mode="ring", zigzag=False), "world size 3"),
-    ],
-)
-def test_bad_splits_are_named(args, message):
-    pcfg = ParallelConfig(sp_size=args["sp_size"], sp_mode=args["mode"], zigzag=args["zigzag"])
-    heads = {"the model": args["n_head"]}
-    with pytest.raises(ConfigError, match=message):
-        check_split(pcfg, args["world_size"], [args["seq_len"]], heads, "model.seq_len=", "sequence", "or not")
 
 
 def run_worker(tmp_path, *args):
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = ["torchrun", "--standalone", "--nproc_per_node", "2", str(WORKER), *args, "--out", str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(WORKER, [*args, "--out", str(out)], nproc=2, timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 

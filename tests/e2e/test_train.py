@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from train_helpers import SMALL_RUN, losses, metrics, run_pretrain
+from cli import SMALL_RUN, losses, metrics, run_pretrain, start_cli
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +133,7 @@ def test_resume_two_ranks_on_one(workdir, zero_stage):
 def test_sigterm_stops_cleanly_with_a_checkpoint(workdir):
     """A scheduler's SIGTERM (preemption) ends the run after the current step, with a checkpoint to resume."""
     run_dir = workdir / "preempted"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    args = [sys.executable, "-m", "pretrain", "stage=train", f"run_dir={run_dir}", *SMALL_RUN, "train.max_steps=100000"]
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_cli(["pretrain", "stage=train", f"run_dir={run_dir}", *SMALL_RUN, "train.max_steps=100000"], workdir)
     metrics_file = run_dir / "train" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):

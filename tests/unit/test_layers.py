@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pretrain"
+PACKAGE = Path(__file__).resolve().parents[2] / "pretrain"  # tests/unit/ -> the repository's pretrain/
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
@@ -62,6 +62,7 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     files = sorted(PACKAGE.rglob("*.py"))
+    assert (PACKAGE / "__init__.py") in files, f"no package at {PACKAGE}: the walk would check nothing"
     modules = {module_name(p) for p in files}
     return {module_name(p): imported_modules(p, modules) for p in files}
 

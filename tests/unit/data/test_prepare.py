@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +12,6 @@ from data_fixtures import (
     config,
     data_config,
     leftovers,
-    run_cli,
     stdlib_texts,
     write_jsonl,
     write_parquet,
@@ -200,32 +195,6 @@ def test_a_failed_prepare_leaves_no_complete_cache(tmp_path, monkeypatch):
     assert complete_corpora(tmp_path / "cache") == [] and leftovers(tmp_path / "cache") == []
 
 
-KILLED_PREPARE = """
-import os, signal, sys
-from pathlib import Path
-sys.path.insert(0, {tests!r})
-import pretrain.data.prepare as prepare
-from data_fixtures import data_config
-
-def killed(writers, build):
-    os.kill(os.getpid(), signal.SIGKILL)  # as if the node died while the shards were being written
-
-prepare._close_writers = killed
-prepare.prepare_corpus(data_config(Path({tmp!r})))
-"""
-
-
-def test_a_prepare_killed_midway_leaves_nothing_that_looks_complete(tmp_path):
-    script = KILLED_PREPARE.format(tests=os.path.dirname(__file__), tmp=str(tmp_path))
-    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert complete_corpora(tmp_path / "cache") == []
-    (stale,) = leftovers(tmp_path / "cache")
-    assert (stale / "train.bin").is_file()
-    corpus = prepare_corpus(data_config(tmp_path))  # the next prepare builds afresh and sweeps the stale build
-    assert complete_corpora(tmp_path / "cache") == [corpus.directory] and leftovers(tmp_path / "cache") == []
-
-
 def test_a_killed_build_directory_is_never_taken_as_complete(tmp_path):
     cfg = data_config(tmp_path)
     corpus = prepare_corpus(cfg)
@@ -280,33 +249,6 @@ def test_bad_input_gives_a_clear_error_and_no_cache(tmp_path, case):
         run_prepare(config(tmp_path, **overrides), CTX)
     assert complete_corpora(tmp_path / "cache") == [] and leftovers(tmp_path / "cache") == []
     assert not (tmp_path / "run" / "tokenizer").exists()
-
-
-def test_cli_prepares_then_reuses_and_reports_errors(tmp_path):
-    args = [
-        "stage=prepare",
-        f"run_dir={tmp_path / 'run'}",
-        "data.cache_dir=cache",  # relative to the current directory
-        "data.max_files=12",
-        "data.vocab_size=400",
-        "data.num_proc=2",
-    ]
-    first = run_cli(args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "[prepare] prepared stdlib: 12 documents" in first.stdout
-    assert "tokens/s" in first.stdout and "MB on disk" in first.stdout
-    (directory,) = complete_corpora(tmp_path / "cache")
-    assert json.loads((directory / "meta.json").read_text())["vocab_size"] == 400
-    assert (tmp_path / "run" / "tokenizer" / "spm.model").is_file()
-    second = run_cli(args, cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert f"reusing the prepared corpus at {directory}" in second.stdout
-    assert "prepared stdlib" not in second.stdout
-    bad = run_cli(
-        ["stage=prepare", f"run_dir={tmp_path / 'run'}", "data=files", "data.paths=[missing/*.txt]"], tmp_path
-    )
-    assert bad.returncode == 2
-    assert "error: data.paths: 'missing/*.txt' matches no file" in bad.stderr
 
 
 @pytest.mark.parametrize(

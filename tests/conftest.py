@@ -1,0 +1,24 @@
+"""Shared by both tiers. ``tests/unit``: no test starts a process (under a minute in all). ``tests/e2e``: the real
+program in subprocesses (the CLI, several ranks, the benchmarks, the launch scripts), marked ``e2e`` here.
+
+This folder is on ``sys.path`` (pytest puts each conftest.py's folder there), so helpers beside this file, such as
+``data_fixtures``, import by their plain names; so do those beside ``e2e/conftest.py`` (``cli``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).resolve().parent / "unit"
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark everything under tests/e2e ``e2e``; run the unit tier first (otherwise in collection order)."""
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.e2e)
+    items.sort(key=lambda item: not item.path.is_relative_to(UNIT))
