@@ -20,6 +20,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "pretrain.bench.train_step",
         "tokens/s and peak memory of a training step: our GPT under DeepSpeed against Hugging Face's BLOOM",
     ),
+    "gpu": (
+        "pretrain.bench.gpu",
+        "the GPU acceptance run: FlexAttention against the reference, attention and training-step speed, long eval",
+    ),
     "prepare": (
         "pretrain.bench.prepare",
         "tokens/s of the prepare stage (tokenizer training, tokenizing, shards) on the stdlib corpus",

@@ -58,7 +58,8 @@ from pretrain.bench.options import positive_int
 from pretrain.perf.memory import MIB
 
 IMPLS = ("ours", "bloom")
-MODELS = ("tiny", "125m")  # shapes read from conf/model/<name>.yaml, the one home of them
+MODELS = ("tiny", "125m", "350m")  # shapes read from conf/model/<name>.yaml, the one home of them
+DEFAULT_MODELS = ("tiny", "125m")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Per device: lengths, timed steps, warm-up steps, dtype, seconds of timed steps a row gets at least.
 DEFAULTS = {
@@ -523,7 +524,7 @@ def _positive_float(text: str) -> float:
 
 def parse_params(argv: list[str], prog: str) -> tuple[TrainStepBenchParams, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="default: tiny 125m")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS), help="default: tiny 125m")
     parser.add_argument("--lengths", type=positive_int, nargs="+", help="sequence lengths (default: 512 2048 8192)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="default: ours bloom")
     parser.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per step (default 1)")

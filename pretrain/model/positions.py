@@ -94,6 +94,15 @@ class PositionEncoding(nn.Module):
         elif self.kind == "sinusoidal":
             self.register_buffer("table", sinusoidal_table(self.max_positions, cfg.d_model), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # An engine that casts the whole module (older DeepSpeed runs module.bfloat16() on bf16 runs) must not
+        # round the slopes: 0.707107 would become 0.707031, a bias off by 0.16 at distance 2048, and eval
+        # (float32 slopes) would score another model than the one trained. They are rebuilt from the rule.
+        super()._apply(fn, recurse)
+        if self.slopes is not None and self.slopes.dtype != torch.float32:
+            self.slopes = alibi_slopes(self.slopes.numel()).to(self.slopes.device)
+        return self
+
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.kind == "learned":
             if int(positions.max()) >= self.max_positions:

@@ -111,7 +111,7 @@ def communication_bytes(n_params: int, precision: str, zero_stage: int, world_si
     return {"reduce": reduce, "gather": gather}
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool) -> int:
+def activation_bytes(cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool, device: str = "cpu") -> int:
     """Peak activation memory of one micro-batch of ``tokens`` tokens on one device.
 
     Blocks: ``layer_activation_floats`` per token and layer (with activation checkpointing, only each
@@ -119,12 +119,12 @@ def activation_bytes(cfg: ModelConfig, tokens: int, precision: str, checkpointin
     LayerNorm and the final LayerNorm keep 3 more ``d_model`` floats a token. The loss never holds the
     logits (``pretrain.ops.loss``): it keeps the hidden states' gradient, a float32 gradient of the output
     weight, and works on one chunk of float32 logits at a time (the BLAS copies it once more to take the
-    weight's gradient).
+    weight's gradient). The chunk is the one the loss uses on ``device`` (larger on CUDA).
     """
     act_b = 2 if precision in ("bf16", "fp16") else 4
     per_layer = layer_activation_floats(cfg)
     blocks = cfg.d_model * cfg.n_layer + per_layer if checkpointing else per_layer * cfg.n_layer
-    chunk = min(tokens, chunk_tokens(cfg.vocab_size, torch.device("cpu")))
+    chunk = min(tokens, chunk_tokens(cfg.vocab_size, torch.device(device)))
     loss = tokens * cfg.d_model * act_b + 4 * cfg.vocab_size * cfg.d_model + 2 * 4 * chunk * cfg.vocab_size
     return tokens * (blocks + 3 * cfg.d_model) * act_b + loss
 
@@ -146,7 +146,9 @@ def peak_bytes(memory: dict, grad_accum: int) -> dict:
     }
 
 
-def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Plan:
+def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None, device: str | None = None) -> Plan:
+    """The plan for ``world_size`` devices of type ``device`` (default: CUDA where this machine has it)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = cfg.model if vocab_size is None else ModelConfig(**{**cfg.model.__dict__, "vocab_size": vocab_size})
     sp = cfg.parallel.sp_size
     dp = max(1, world_size // sp)
@@ -154,10 +156,9 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None) -> Pl
     t = cfg.train
     tokens_per_rank = t.micro_batch_size * model.seq_len // sp
     memory = model_state_bytes(n, t.precision, t.zero_stage, dp * sp)
-    memory["activations"] = activation_bytes(model, tokens_per_rank, t.precision, t.activation_checkpointing)
-    memory["activations_other_mode"] = activation_bytes(
-        model, tokens_per_rank, t.precision, not t.activation_checkpointing
-    )
+    checkpointing = t.activation_checkpointing
+    memory["activations"] = activation_bytes(model, tokens_per_rank, t.precision, checkpointing, device)
+    memory["activations_other_mode"] = activation_bytes(model, tokens_per_rank, t.precision, not checkpointing, device)
     zero = deepspeed_config(t, dp, sp, n)["zero_optimization"]
     bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET_ELEMENTS) if t.zero_stage else DEEPSPEED_BUCKET_ELEMENTS
     memory.update(communication_bytes(n, t.precision, t.zero_stage, dp * sp, int(bucket)))

@@ -3,9 +3,10 @@
 Backends:
 - ``fused`` (default): the bias is computed inside the kernel from global positions and slopes; no
   ``L x L`` bias and no ``L x L`` probability matrix is kept for the backward pass. On CUDA this is
-  FlexAttention (an ALiBi ``score_mod`` and a causal block mask, compiled). Elsewhere it is the blockwise
-  online-softmax kernel below, whose backward recomputes each block from the saved log-sum-exp
-  (FlexAttention has no backward on CPU).
+  FlexAttention (an ALiBi ``score_mod`` and a causal block mask, compiled). Elsewhere, and on CUDA for a
+  head dim below 16 (which torch's FlexAttention kernel rejects), it is the blockwise online-softmax kernel,
+  whose backward recomputes each block from the saved log-sum-exp (FlexAttention has no backward on CPU).
+- ``flex``: FlexAttention on any device, compiled (on CPU inference only, and without ``return_lse``).
 - ``sdpa``: a materialized bias tensor passed to ``scaled_dot_product_attention`` (what Hugging Face's
   BLOOM does); the reference.
 - ``eager``: plain softmax math, for tests.
@@ -25,11 +26,11 @@ import torch
 
 from pretrain.config import ATTENTION_BACKENDS
 from pretrain.ops.attention.blockwise import BlockwiseAlibiAttention
-from pretrain.ops.attention.flex import flex_alibi_attention
+from pretrain.ops.attention.flex import MIN_HEAD_DIM, flex_alibi_attention
 from pretrain.ops.attention.reference import eager_attention, sdpa_attention
 
-# The names model.attention accepts; the command line checks them before any kernel is imported.
-BACKENDS = ATTENTION_BACKENDS
+# The names model.attention accepts (the command line checks them before any kernel is imported), and flex.
+BACKENDS = ATTENTION_BACKENDS + ("flex",)
 
 
 def alibi_attention(
@@ -57,10 +58,17 @@ def alibi_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "fused":
-        if q.is_cuda:
-            out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale)
+        if uses_flex(q):
+            out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale, return_lse=return_lse)
         else:
             out, lse = BlockwiseAlibiAttention.apply(q, k, v, slopes, q_offset, k_offset, window, scale)
+    elif backend == "flex":
+        if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError(
+                "backend='flex' has no backward pass on CPU in this torch; use backend='fused' to train on CPU "
+                "(or run under torch.no_grad())"
+            )
+        out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale, return_lse=return_lse)
     elif backend == "sdpa":
         if return_lse:
             raise ValueError("return_lse=True needs backend='fused' or 'eager'; sdpa does not expose it")
@@ -68,6 +76,11 @@ def alibi_attention(
     else:
         out, lse = eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale)
     return (out, lse) if return_lse else out
+
+
+def uses_flex(q: torch.Tensor) -> bool:
+    """Whether ``fused`` runs FlexAttention for these queries: on CUDA, for head dims its kernel supports."""
+    return q.is_cuda and q.shape[-1] >= MIN_HEAD_DIM
 
 
 def _check_inputs(q, k, v, slopes, q_offset, k_offset, backend, window) -> None:

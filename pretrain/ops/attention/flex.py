@@ -1,38 +1,114 @@
-"""FlexAttention with an ALiBi ``score_mod``: the fused kernel on CUDA (compiled), forward only on CPU."""
+"""FlexAttention with an ALiBi ``score_mod``: the fused kernel on CUDA (compiled), forward only on CPU.
+
+Three things keep it fast for every length a run asks for (training, every eval length, the windowed control,
+passkey prompts, ring blocks):
+
+- **One compiled kernel for many calls.** The offsets and the window reach ``score_mod``/``mask_mod`` as
+  tensors captured by the closures, not as Python numbers baked into the graph, and lengths are dynamic: a
+  new length, offset or window reuses the compiled kernel. What still compiles anew (grad mode, dtype, the
+  first dynamic shape) is a handful of kernels a run. Should the recompile limit be hit anyway, the call
+  raises ``FlexRecompileError`` naming the cause: torch would otherwise run the *uncompiled* flex_attention,
+  which builds the whole ``[B, H, L, L]`` score matrix (48 GiB at L=32768 with 12 heads).
+- **Block masks from block indices.** The mask is built from the position ranges of its 128 x 128 blocks,
+  O((L/128)^2) small integers, never an ``L x L`` tensor.
+- **No host-device sync per call.** Offset and window tensors are made once per value and device, and
+  block masks are cached.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
+
 import torch
+import torch._dynamo
 
-_compiled_flex = None
-_block_masks: dict = {}
+# FlexAttention's block: masks are described per BLOCK x BLOCK tile of scores.
+BLOCK = 128
+# torch's inductor FlexAttention kernel on CUDA rejects head dims below 16 (NotImplementedError);
+# ``alibi_attention`` sends those to the blockwise kernel instead.
+MIN_HEAD_DIM = 16
+# The window of "no window": farther than any two positions can be.
+NO_WINDOW = 1 << 62
+# Block masks kept: a run needs one per (length, offset, window) it attends with; ring blocks and eval lengths
+# make tens, not thousands.
+MASK_CACHE_SIZE = 256
 
 
-def _flex():
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
+class FlexRecompileError(RuntimeError):
+    """FlexAttention would recompile past torch's limit and fall back to its dense, uncompiled path."""
 
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+
+@functools.lru_cache(maxsize=4096)
+def _scalar(value: int, device: str) -> torch.Tensor:
+    """An int64 0-d tensor on ``device``, made once per value: ``torch.tensor(v, device=cuda)`` syncs the host."""
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def _mask_mod(q_offset: torch.Tensor, k_offset: torch.Tensor, window: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        distance = (q_idx + q_offset) - (kv_idx + k_offset)
+        return (distance >= 0) & (distance < window)
+
+    return mask_mod
+
+
+def block_classes(q_len: int, k_len: int, q_offset: int, k_offset: int, window: int | None, device=None):
+    """Which 128 x 128 blocks of scores any query sees (``partial``: some entries hidden; ``full``: none), as
+    bool ``[ceil(q_len/128), ceil(k_len/128)]`` each, from the smallest and largest distance of each block."""
+    w = NO_WINDOW if window is None else window
+    q_first = q_offset + torch.arange(0, q_len, BLOCK, device=device)
+    q_last = torch.clamp(q_first + BLOCK - 1, max=q_offset + q_len - 1)
+    k_first = k_offset + torch.arange(0, k_len, BLOCK, device=device)
+    k_last = torch.clamp(k_first + BLOCK - 1, max=k_offset + k_len - 1)
+    nearest = q_first[:, None] - k_last[None, :]  # the smallest query - key distance in the block
+    farthest = q_last[:, None] - k_first[None, :]
+    any_visible = (farthest >= 0) & (nearest < w)
+    full = (nearest >= 0) & (farthest < w)
+    # A block cut by the end of the sequence counts as partial, as torch's create_block_mask has it: the
+    # kernel then checks each entry there.
+    if q_len % BLOCK:
+        full[-1, :] = False
+    if k_len % BLOCK:
+        full[:, -1] = False
+    return any_visible & ~full, full
+
+
+def _as_kv_blocks(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv_num_blocks [1, 1, nq], kv_indices [1, 1, nq, nk])`` int32: each query block's visible key blocks
+    first, in order."""
+    counts = visible.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort((~visible).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[None, None], order[None, None]
+
+
+_block_masks: OrderedDict = OrderedDict()
 
 
 def alibi_block_mask(q_len, k_len, q_offset, k_offset, window, device):
-    """FlexAttention block mask of causal (and windowed) attention over global positions, cached."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """FlexAttention block mask of causal (and windowed) attention over global positions, cached.
+
+    Built from block indices: memory O((L/128)^2), never O(L^2). Blocks that hide no entry are ``full`` (the
+    kernel skips ``mask_mod`` there); the others read offsets and window from tensors.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     key = (q_len, k_len, q_offset, k_offset, window, str(device))
-    if key not in _block_masks:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            distance = (q_idx + q_offset) - (kv_idx + k_offset)
-            allowed = distance >= 0
-            if window is not None:
-                allowed = allowed & (distance < window)
-            return allowed
-
-        _block_masks[key] = create_block_mask(mask_mod, None, None, q_len, k_len, device=device)
-    return _block_masks[key]
+    if key in _block_masks:
+        _block_masks.move_to_end(key)
+        return _block_masks[key]
+    partial, full = block_classes(q_len, k_len, q_offset, k_offset, window, device)
+    kv_num, kv_idx = _as_kv_blocks(partial)
+    full_num, full_idx = _as_kv_blocks(full)
+    dev = str(device)
+    mask_mod = _mask_mod(_scalar(q_offset, dev), _scalar(k_offset, dev), _scalar(window or NO_WINDOW, dev))
+    mask = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
+    )
+    _block_masks[key] = mask
+    if len(_block_masks) > MASK_CACHE_SIZE:
+        _block_masks.popitem(last=False)
+    return mask
 
 
 def alibi_score_mod(slopes: torch.Tensor | None, q_offset: torch.Tensor, k_offset: torch.Tensor):
@@ -53,26 +129,48 @@ def alibi_score_mod(slopes: torch.Tensor | None, q_offset: torch.Tensor, k_offse
     return no_bias if slopes is None else score_mod
 
 
-def flex_alibi_attention(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scale=None, compiled=True):
-    """``(out, lse)`` through FlexAttention; runs the compiled kernel on CUDA (forward only on CPU)."""
-    from torch.nn.attention.flex_attention import flex_attention
+_compiled_flex = None
+
+
+def compiled_flex_attention():
+    """``flex_attention`` compiled once per process, with dynamic shapes (a new length reuses the kernel)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+def flex_alibi_attention(
+    q, k, v, slopes, q_offset=0, k_offset=0, window=None, scale=None, compiled=True, return_lse=True
+):
+    """``(out [B, H, Lq, D], lse [B, H, Lq] float32 or None)`` through FlexAttention; compiled unless
+    ``compiled=False`` (eager flex_attention builds the dense score matrix: for tests of the masks only).
+
+    ``return_lse=False`` skips the log-sum-exp: torch's compiled CPU kernel cannot return it.
+    """
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     device = q.device
+    dev = str(device)
     block_mask = alibi_block_mask(q.shape[2], k.shape[2], q_offset, k_offset, window, device)
     slopes_dev = None if slopes is None else slopes.to(device=device, dtype=torch.float32)
-    score_mod = alibi_score_mod(
-        slopes_dev,
-        torch.tensor(q_offset, device=device, dtype=torch.int64),
-        torch.tensor(k_offset, device=device, dtype=torch.int64),
-    )
-    attend = _flex() if compiled else flex_attention
+    score_mod = alibi_score_mod(slopes_dev, _scalar(q_offset, dev), _scalar(k_offset, dev))
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale)
+    if return_lse:
+        kwargs["return_aux"] = AuxRequest(lse=True)
+    if not compiled:
+        result = flex_attention(q, k, v, **kwargs)
+        return (result[0], result[1].lse.float()) if return_lse else (result, None)
     try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:  # torch < 2.9
-        out, lse = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
-    else:
-        out, aux = attend(
-            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True)
-        )
-        lse = aux.lse
-    return out, lse.float()
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            result = compiled_flex_attention()(q, k, v, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+        raise FlexRecompileError(
+            f"FlexAttention was compiled {torch._dynamo.config.recompile_limit} times in this process (now for "
+            f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, grad {'on' if torch.is_grad_enabled() else 'off'}); "
+            "refusing torch's fallback to uncompiled flex_attention, which builds the whole [B, H, Lq, Lk] score "
+            "matrix. Raise torch._dynamo.config.recompile_limit if these shapes are all needed."
+        ) from err
+    return (result[0], result[1].lse.float()) if return_lse else (result, None)

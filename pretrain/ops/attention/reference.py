@@ -32,8 +32,11 @@ def eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
 
 def sdpa_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
     bias, mask = _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window)
-    # The materialized L x L additive mask, in the activation dtype, as Hugging Face's BLOOM builds it.
-    attn_bias = bias.masked_fill_(~mask, float("-inf")).to(q.dtype).unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+    # The materialized L x L additive mask, as Hugging Face's BLOOM builds it, but kept in float32: in bf16
+    # the bias -m * (i - j) is exact only up to 256 (at m = 0.5 keys 2040..2043 would share one value), the
+    # rounding BLOOM and GPT-NeoX have. SDPA wants the mask in the inputs' dtype, so 16-bit inputs are
+    # attended in float32 and the output cast back.
+    attn_bias = bias.masked_fill_(~mask, float("-inf")).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_bias, scale=scale)
     # A row that sees no key is all -inf: SDPA gives nan there, the other backends zero.
-    return torch.nan_to_num(out, nan=0.0)
+    return torch.nan_to_num(out, nan=0.0).to(q.dtype)
