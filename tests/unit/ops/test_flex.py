@@ -67,7 +67,13 @@ def test_block_mask_of_65536_tokens_costs_blocks_not_tokens():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "shape",
-    [(2, 5, 300, 300, 0, 0, None), (1, 7, 256, 640, 384, 0, None), (1, 3, 200, 200, 0, 0, 1), (1, 3, 130, 900, 0, 5, 3)],
+    [
+        (2, 5, 300, 300, 0, 0, None),
+        (1, 7, 256, 640, 384, 0, None),
+        (1, 3, 200, 200, 0, 0, 1),
+        (1, 3, 130, 900, 0, 5, 3),
+        (1, 6, 333, 333, 0, 0, 40),
+    ],
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_flex_forward_matches_the_reference_for_odd_heads_offsets_and_windows(shape, dtype):
