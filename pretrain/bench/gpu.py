@@ -12,10 +12,11 @@ Sections (each recorded as rows in the JSON; one that fails records its error an
   1.2x its time) and against the materialized-bias path (``sdpa``, where its bias fits in memory).
 - ``train_step``: the training-step benchmark for ``model=125m`` and ``model=350m``, bf16, sequences of 2,048,
   with MFU (target: at least 40%); it runs ``python -m pretrain.bench train_step`` in its own processes.
+- ``ring``: ring attention on one rank with the zigzag layout (two chunks, so blocks merge through their
+  log-sum-exp), each block on the GPU kernel, against the unsplit fused kernel: output and gradients.
 - ``eval``: a tiny model's perplexity windows at 2,048 .. 65,536 tokens (and the windowed control) under
   ``inference_mode``: how many kernels were compiled for all of them, and each length's peak memory.
 
-Ring attention on the GPU kernel is not measured: on CUDA the ring still runs the blockwise kernel.
 Without CUDA the command says so and exits with status 2.
 """
 
@@ -30,7 +31,7 @@ import torch
 
 from pretrain.bench.report import machine_info, now_iso, write_report
 
-SECTIONS = ("flex", "attention", "train_step", "eval")
+SECTIONS = ("flex", "attention", "train_step", "ring", "eval")
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 
@@ -149,6 +150,39 @@ def train_steps(say, out_dir: Path) -> list[dict]:
     return rows
 
 
+def ring_on_gpu(say) -> list[dict]:
+    import torch.distributed as dist
+
+    from pretrain.ops.alibi import slopes
+    from pretrain.ops.attention import alibi_attention
+    from pretrain.parallel.distributed import free_port
+    from pretrain.parallel.ring import RingAttention
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    rows = []
+    for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 5e-2)):
+        length, heads = 4096, 16
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, grad = (torch.randn(1, heads, length, 64, device="cuda", generator=gen) for _ in range(4))
+        head_slopes = slopes(heads).cuda()
+        results = []
+        for attend in (
+            RingAttention(dist.group.WORLD, length, zigzag=True),
+            lambda q, k, v, s: alibi_attention(q, k, v, s),
+        ):
+            qs, ks, vs = (t.to(dtype).requires_grad_() for t in (q, k, v))
+            out = attend(qs, ks, vs, head_slopes)
+            out.backward(grad.to(dtype))
+            results.append([t.float() for t in (out, qs.grad, ks.grad, vs.grad)])
+        errors = {name: (a - b).abs().max().item() for name, a, b in zip(("out", "dq", "dk", "dv"), *results)}
+        row = {"section": "ring", "dtype": str(dtype).removeprefix("torch."), "length": length, "max_abs_error": errors}
+        row["status"] = "ok" if max(errors.values()) <= tolerance else f"error above {tolerance}"
+        say(f"ring {row['dtype']}: {row['status']} ({max(errors.values()):.2e})")
+        rows.append(row)
+    return rows
+
+
 def eval_long(say) -> list[dict]:
     from torch._dynamo.utils import counters
 
@@ -209,6 +243,8 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench gpu") -> int:
                 rows += time_attention(print)
             elif section == "train_step":
                 rows += train_steps(print, out.parent)
+            elif section == "ring":
+                rows += ring_on_gpu(print)
             else:
                 rows += eval_long(print)
         except Exception:  # one section's failure is a result too; the others still run

@@ -5,6 +5,11 @@ the block kernel), partial results merge through their log-sum-exp, and blocks t
 are skipped. The backward pass is the ring again: key/value chunks travel with their gradient accumulators
 and arrive home after a full turn. With ``zigzag`` each rank holds chunks ``r`` and ``2P - 1 - r`` of 2P, so
 every rank does the same causal work (``layout.segments_of``).
+
+Each block runs the device's fused kernel: FlexAttention on CUDA (in the model's dtype, the bias in float32),
+the blockwise kernel on CPU. The blockwise kernel has a backward that takes the merged output and log-sum-exp
+directly; FlexAttention's block gradients come through autograd, from the gradients that reach the block's
+output and log-sum-exp through the merge (``block_backward_through_autograd``).
 """
 
 from __future__ import annotations
@@ -14,8 +19,50 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pretrain.ops.attention import uses_flex
 from pretrain.ops.attention.blockwise import blockwise_backward, blockwise_forward
+from pretrain.ops.attention.flex import flex_alibi_attention
 from pretrain.parallel.layout import segments_of
+
+
+def block_kernel(q: torch.Tensor) -> str:
+    """The kernel a ring block runs for these queries: ``flex`` on CUDA (head dim >= 16), else ``blockwise``."""
+    return "flex" if uses_flex(q) else "blockwise"
+
+
+def block_forward(q, k, v, slopes, q_offset, k_offset, window, scale):
+    """One block's ``(out, lse)``, both float32 ``[B, H, Lq, D]`` / ``[B, H, Lq]``."""
+    if block_kernel(q) == "flex":
+        out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale)
+        return out.float(), lse
+    return blockwise_forward(q, k, v, slopes, q_offset, k_offset, window, scale)
+
+
+def block_backward(dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale):
+    """One block's ``(dq, dk, dv)`` float32, given the *merged* output and log-sum-exp of its query rows."""
+    if block_kernel(q) == "flex":
+        args = (dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale)
+        return block_backward_through_autograd(flex_alibi_attention, *args)
+    return blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale)
+
+
+def block_backward_through_autograd(kernel, dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale):
+    """A block's gradients from any kernel ``(q, k, v, slopes, q_offset, k_offset, window, scale) -> (out_b, lse_b)``
+    with autograd through both outputs.
+
+    The merged output is ``out = sum_b w_b out_b`` with ``w_b = exp(lse_b - lse)``. So the gradient reaching
+    ``out_b`` is ``w_b dout``, and the one reaching ``lse_b`` is ``w_b (dout . (out_b - out))`` (the weights of
+    the other blocks move with ``lse`` too). The block's forward is recomputed, as FlashAttention's backward does.
+    """
+    with torch.enable_grad():
+        qb, kb, vb = (t.detach().requires_grad_() for t in (q, k, v))
+        out_b, lse_b = kernel(qb, kb, vb, slopes, q_offset, k_offset, window, scale)
+        safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        weight = torch.where(torch.isinf(lse_b), torch.zeros_like(lse_b), torch.exp(lse_b - safe))
+        d_out = weight[..., None] * dout.float()
+        d_lse = weight * (dout.float() * (out_b.float() - out.float())).sum(dim=-1)
+        grads = torch.autograd.grad((out_b, lse_b), (qb, kb, vb), (d_out.to(out_b.dtype), d_lse))
+    return tuple(g.float() for g in grads)
 
 
 def _merge(out, lse, block_out, block_lse):
@@ -71,7 +118,7 @@ class _RingAttention(torch.autograd.Function):
                 for qs, ql, qslice in q_segments:
                     if not _visible(qs, ql, ks, kl, window):
                         continue
-                    block_out, block_lse = blockwise_forward(
+                    block_out, block_lse = block_forward(
                         q[:, :, qslice], k_cur[:, :, kslice], v_cur[:, :, kslice], slopes, qs, ks, window, scale
                     )
                     _merge(out[:, :, qslice], lse[:, :, qslice], block_out, block_lse)
@@ -104,7 +151,7 @@ class _RingAttention(torch.autograd.Function):
                         continue
                     # FlashAttention's identity: with the *merged* output and log-sum-exp, each block's
                     # gradient is computed on its own.
-                    bq, bk, bv = blockwise_backward(
+                    bq, bk, bv = block_backward(
                         dout[:, :, qslice], q[:, :, qslice], k_cur[:, :, kslice], v_cur[:, :, kslice],
                         out[:, :, qslice], lse[:, :, qslice], slopes, qs, ks, window, scale,
                     )  # fmt: skip
