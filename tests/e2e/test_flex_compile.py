@@ -79,3 +79,18 @@ def test_slopes_the_kernel_reads_are_float32_after_deepspeed_initializes_a_bf16_
     for block in engine.module.h:
         assert block.self_attention.pos.slopes.dtype == torch.float32
         assert torch.equal(block.self_attention.pos.slopes, slopes(12))  # 0.707107, not bf16's 0.707031
+
+
+def test_flex_inside_a_compiled_model_gives_the_references_output():
+    """``train.compile`` compiles the whole model: the attention call inside it must still be right."""
+    head_slopes = slopes(HEADS)
+
+    def doubled(q, offset):
+        return 2 * flex_alibi_attention(q, q, q, head_slopes, offset, offset, None, return_lse=False)[0]
+
+    compiled = torch.compile(doubled)
+    with torch.inference_mode():
+        for length, offset in ((128, 0), (256, 128)):
+            q = torch.randn(1, HEADS, length, HEAD_DIM)
+            want, _ = eager_attention(q, q, q, head_slopes, offset, offset, None, HEAD_DIM**-0.5)
+            assert (compiled(q, offset) - 2 * want).abs().max().item() < 1e-4

@@ -163,6 +163,9 @@ def flex_alibi_attention(
     if not compiled:
         result = flex_attention(q, k, v, **kwargs)
         return (result[0], result[1].lse.float()) if return_lse else (result, None)
+    # Inside a compiled model (train.compile) this is a graph break: the model's graph calls this compiled
+    # kernel, whose block mask and recompile guard stay host code. Tracing flex_attention into the model's
+    # graph instead failed to lower on CPU (torch 2.13).
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             result = compiled_flex_attention()(q, k, v, **kwargs)
