@@ -7,16 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from cli import run_python
 from torch._dynamo.utils import counters
 
-from pretrain.config import ModelConfig, TrainConfig
-from pretrain.model.gpt import GPT
 from pretrain.ops.alibi import slopes
 from pretrain.ops.attention.flex import FlexRecompileError, flex_alibi_attention
 from pretrain.ops.attention.reference import eager_attention
-from pretrain.parallel.deepspeed_config import deepspeed_config
-from pretrain.parallel.distributed import DistContext, ensure_process_group
-from pretrain.train.optim import build_optimizer
 
 HEADS, HEAD_DIM, SEQ_LEN = 4, 32, 128  # model=tiny
 
@@ -65,20 +61,31 @@ def test_hitting_the_recompile_limit_is_an_error_not_a_dense_fallback():
 
 
 def test_slopes_the_kernel_reads_are_float32_after_deepspeed_initializes_a_bf16_engine():
-    import deepspeed
+    """In its own process: DeepSpeed's engine needs a process group, which must not outlive the test."""
+    proc = run_python(ENGINE_SLOPES)
+    assert proc.returncode == 0 and "slopes ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
-    ensure_process_group(DistContext())
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_head=12, d_model=96, vocab_size=300))
-    tcfg = TrainConfig(precision="bf16", micro_batch_size=2)
-    optimizer, scheduler = build_optimizer(model, tcfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, 1)
-    )
-    assert next(engine.module.parameters()).dtype == torch.bfloat16
-    for block in engine.module.h:
-        assert block.self_attention.pos.slopes.dtype == torch.float32
-        assert torch.equal(block.self_attention.pos.slopes, slopes(12))  # 0.707107, not bf16's 0.707031
+
+ENGINE_SLOPES = """
+import deepspeed, torch
+from cli import run_python
+
+from pretrain.ops.alibi import slopes
+
+ensure_process_group(DistContext())
+torch.manual_seed(0)
+model = GPT(ModelConfig(n_head=12, d_model=96, vocab_size=300))
+tcfg = TrainConfig(precision="bf16", micro_batch_size=2)
+optimizer, scheduler = build_optimizer(model, tcfg)
+engine, _, _, _ = deepspeed.initialize(
+    model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, 1)
+)
+assert next(engine.module.parameters()).dtype == torch.bfloat16
+for block in engine.module.h:
+    assert block.self_attention.pos.slopes.dtype == torch.float32
+    assert torch.equal(block.self_attention.pos.slopes, slopes(12))  # 0.707107, not bf16's 0.707031
+print("slopes ok")
+"""
 
 
 def test_flex_inside_a_compiled_model_gives_the_references_output():
