@@ -46,21 +46,93 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
+# What a checkpoint's pickles may refer to besides tensors and plain containers: DeepSpeed's ZeRO optimizer
+# state (DeepSpeed 0.19), and NumPy's arrays in the RNG files of earlier releases. DeepSpeed unpickles its files
+# with full pickle, which can run any code a file names, so a checkpoint that names anything else is refused.
+ALLOWED_GLOBALS = frozenset(
+    {
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray._reconstruct",
+        "numpy.dtypes.UInt32DType",
+    }
+)
+
+
+def check_pickles(step_dir: Path) -> None:
+    """Raise PipelineError, naming the file, when a ``.pt`` file of a checkpoint refers to anything outside
+    ``ALLOWED_GLOBALS`` (or is not a checkpoint file at all). The files are read as pickle opcodes, never run."""
+    for path in sorted(Path(step_dir).rglob("*.pt")):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as err:  # truncated, or not torch.save's format
+            raise PipelineError(f"{path} is not a readable checkpoint file ({type(err).__name__}: {err})") from None
+        unexpected = sorted(set(names) - ALLOWED_GLOBALS)
+        if unexpected:
+            raise PipelineError(
+                f"{path} refers to {', '.join(unexpected)}, which no checkpoint of this pipeline holds; it is not "
+                "loaded, since loading a pickle can run code (delete the checkpoint if you did not write it)"
+            )
+
+
 def rng_state() -> dict:
+    """Every RNG's state as tensors and numbers, so that it loads with ``weights_only=True``."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy_state = state["python"], state["numpy"]
+    if isinstance(python, dict):
+        random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    else:  # written by an earlier release: the tuples themselves
+        random.setstate(python)
+    if isinstance(numpy_state, dict):
+        keys = numpy_state["keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (numpy_state["kind"], keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
+        )
+    else:
+        np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def allowed_globals() -> list:
+    """The objects ``ALLOWED_GLOBALS`` names, for ``torch.serialization.safe_globals`` around a
+    ``weights_only=True`` load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+    return [LossScaler, ZeroStageEnum, fragment_address, np.dtype, np.ndarray, reconstruct, type(np.dtype(np.uint32))]
+
+
+def load_rng_file(path: Path) -> dict:
+    """An ``rng_rank*.pt`` with ``weights_only=True`` (NumPy's arrays allowed: earlier releases pickled them)."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, weights_only=True)
+    except Exception as err:
+        raise PipelineError(f"{path} cannot be loaded ({type(err).__name__}: {err})") from None
 
 
 class CheckpointManager:
@@ -140,6 +212,7 @@ class CheckpointManager:
         is kept and reused); the others wait. Per-rank RNG states do not carry over to another world size.
         """
         universal = f"{tag}_universal"
+        check_pickles(load_dir / tag)  # every rank: they must agree before rank 0 runs the converter on it
         if self.ctx.is_main and not (load_dir / universal / COMPLETE).exists():
             shutil.rmtree(load_dir / universal, ignore_errors=True)
             command = [
@@ -165,12 +238,14 @@ class CheckpointManager:
                 f"checkpoint {load_dir / tag} was written with parallel.sp_size={saved_sp}; resume it with the "
                 f"same sequence-parallel size (now {self.sp_size})"
             )
+        if not tag.endswith("_universal"):  # a universal copy is made by this program from a checked checkpoint
+            check_pickles(load_dir / tag)
         path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
             raise PipelineError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
         rng_file = load_dir / tag / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_rng_file(rng_file))
         return client_state
 
 

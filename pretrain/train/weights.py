@@ -20,7 +20,7 @@ from pretrain.config import ModelConfig
 from pretrain.errors import PipelineError
 from pretrain.parallel.distributed import DistContext
 from pretrain.run_files import write_atomic
-from pretrain.train.checkpoint import COMPLETE, TAG_PATTERN, complete_tags
+from pretrain.train.checkpoint import COMPLETE, TAG_PATTERN, allowed_globals, check_pickles, complete_tags
 
 WEIGHTS = "model.safetensors"
 
@@ -144,6 +144,7 @@ def _zero_master_weights(step_dir: Path) -> dict:
 
     # It prints its progress to stdout and stderr: kept off the eval stage's console (and out of its errors'
     # way: a missing partition still raises).
+    check_pickles(step_dir)  # DeepSpeed's reader unpickles with full pickle
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
@@ -156,5 +157,7 @@ def _module_weights(step_dir: Path) -> dict:
     path = step_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise PipelineError(f"checkpoint {step_dir} holds neither ZeRO partitions nor {path.name}")
+    check_pickles(step_dir)
     # mmap: the file also holds the optimizer's moments (twice the weights), which are never read.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["module"]
+    with torch.serialization.safe_globals(allowed_globals()):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["module"]
