@@ -68,9 +68,12 @@ def test_slopes_the_kernel_reads_are_float32_after_deepspeed_initializes_a_bf16_
 
 ENGINE_SLOPES = """
 import deepspeed, torch
-from cli import run_python
-
+from pretrain.config import ModelConfig, TrainConfig
+from pretrain.model.gpt import GPT
 from pretrain.ops.alibi import slopes
+from pretrain.parallel.deepspeed_config import deepspeed_config
+from pretrain.parallel.distributed import DistContext, ensure_process_group
+from pretrain.train.optim import build_optimizer
 
 ensure_process_group(DistContext())
 torch.manual_seed(0)
