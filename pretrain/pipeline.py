@@ -22,6 +22,7 @@ from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.distributed import DistContext, init_distributed, launcher_env, shutdown_distributed
 from pretrain.perf.plan import format_plan, make_plan
 from pretrain.run_files import RunFiles
+from pretrain.run_lock import RunLock
 from pretrain.train.loop import check_training_split, run_train
 from pretrain.train.weights import WEIGHTS
 
@@ -79,6 +80,15 @@ def print_run_plan(cfg: Config) -> None:
 
 def run_stages(cfg: Config, ctx: DistContext) -> None:
     """``all``: prepare -> train -> eval; ``prepare`` / ``train`` / ``eval``: that stage after prepare."""
+    lock = RunLock(cfg.run_dir, ctx)
+    lock.acquire()  # before anything is written into the run directory
+    try:
+        _run_stages(cfg, ctx)
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg: Config, ctx: DistContext) -> None:
     files = RunFiles(cfg.run_dir)
     trained_tokenizer = None
     if cfg.stage == "eval" and cfg.eval.checkpoint is None:

@@ -49,6 +49,11 @@ class RunFiles:
         return self.eval_dir / "results.json"
 
     @property
+    def lock(self) -> Path:
+        """Held by the one program writing this run directory (``pretrain.run_lock``)."""
+        return self.root / ".pretrain.lock"
+
+    @property
     def wandb_id(self) -> Path:
         """The id of the run's wandb run: training and evaluation log to the same one. Kept where earlier
         releases wrote it, so their runs continue in the same wandb run."""

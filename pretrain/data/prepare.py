@@ -44,6 +44,7 @@ from pretrain.data.tokenizer import (
     train_tokenizer,
 )
 from pretrain.errors import PipelineError
+from pretrain.parallel.distributed import broadcast_from_main, pid_alive
 from pretrain.run_files import RunFiles, write_atomic
 
 FORMAT_VERSION = 1
@@ -168,11 +169,11 @@ def run_prepare(cfg: Config, ctx) -> PreparedCorpus:
         except Exception as err:
             failure = err
             status = ("error", str(err) if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}")
-        _share_status(ctx, status)
+        broadcast_from_main(ctx, status)
         if failure is not None:
             raise failure
         return corpus
-    state, detail = _share_status(ctx, None)
+    state, detail = broadcast_from_main(ctx, None)
     if state == "error":
         raise PipelineError(f"rank 0 could not prepare the corpus: {detail}")
     corpus = PreparedCorpus.open(Path(detail))
@@ -182,19 +183,6 @@ def run_prepare(cfg: Config, ctx) -> PreparedCorpus:
             "storage that every node shares"
         )
     return corpus
-
-
-def _share_status(ctx, status):
-    """Rank 0's (state, detail) on every rank; the other ranks block here until rank 0 is done."""
-    ctx.barrier()
-    if ctx.world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            box = [status]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-    return status
 
 
 def install_tokenizer(corpus: PreparedCorpus, run_dir: str | Path) -> Path:
@@ -523,18 +511,8 @@ def _remove_stale_builds(cache_root: Path) -> None:
     leftover = re.compile(rf"\.tmp-.+-{re.escape(_host())}-(\d+)")
     for stale in cache_root.glob(".tmp-*"):
         match = leftover.fullmatch(stale.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _host() -> str:

@@ -50,6 +50,27 @@ def all_reduce(values: torch.Tensor, ctx: DistContext, op=None) -> torch.Tensor:
     return on_device.to(values.device)
 
 
+def broadcast_from_main(ctx: DistContext, value):
+    """Rank 0's ``value`` (any picklable object) on every rank; the other ranks wait here until rank 0 arrives."""
+    ctx.barrier()
+    if ctx.world_size > 1 and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a holder of a lock or a build directory that crashed does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by the DeepSpeed launcher, torchrun or Slurm-started torchrun."""
     rank = int(os.environ.get("RANK", "0"))

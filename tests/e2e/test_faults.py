@@ -1,5 +1,8 @@
 """Faults a user running long jobs meets, injected into real runs of the command line.
 
+Two runs in one run directory would corrupt each other: the second is refused in one line while the first holds
+the directory's lock.
+
 A checkpoint someone sends you must not run code: DeepSpeed unpickles its files with full pickle, so every
 ``.pt`` file of a checkpoint is read as pickle opcodes first and refused when it refers to anything a checkpoint
 of this pipeline never holds; the project's own files load with ``weights_only=True``.
@@ -8,10 +11,12 @@ of this pipeline never holds; the project's own files load with ``weights_only=T
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
 import pytest
 import torch
-from cli import SMALL_RUN, run_pretrain
+from cli import SMALL_RUN, run_pretrain, start_cli
 
 TRAIN = ["stage=train", "model=tiny", *SMALL_RUN, "train.max_steps=4", "train.ckpt_every=2"]
 
@@ -45,8 +50,6 @@ def plant(step_dir, marker):
 def test_a_crafted_checkpoint_is_refused_and_never_run(trained, tmp_path, how):
     workdir, run_dir = trained
     victim = tmp_path / "run"
-    import shutil
-
     shutil.copytree(run_dir, victim)
     marker = tmp_path / "code-ran"
     planted = plant(victim / "checkpoints" / "step_00000004", marker)
@@ -59,3 +62,20 @@ def test_a_crafted_checkpoint_is_refused_and_never_run(trained, tmp_path, how):
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(planted) in last and "posix.system" in last, last
+
+
+def test_a_second_run_in_the_same_run_directory_is_refused_in_one_line(trained, tmp_path):
+    workdir, _ = trained
+    run_dir = tmp_path / "busy"
+    lock = run_dir / ".pretrain.lock"
+    first = start_cli(["pretrain", f"run_dir={run_dir}", *TRAIN[:-2], "train.max_steps=300"], cwd=workdir)
+    deadline = time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert lock.exists(), first.stdout.read() if first.poll() is not None else "no lock after 120 s"
+    second = run_pretrain([f"run_dir={run_dir}", *TRAIN, "train.seed=7"], cwd=workdir, check=False)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is in use by another run (pid ")
+    output = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, output[-3000:]
+    assert not lock.exists(), "the lock is released when the run ends"

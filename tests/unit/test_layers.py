@@ -20,7 +20,7 @@ LAYERS = [
     {"data"},
     {"train"},
     {"eval"},
-    {"pipeline", "__main__"},
+    {"pipeline", "run_lock", "__main__"},
     {"bench"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
