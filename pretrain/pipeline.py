@@ -23,6 +23,7 @@ from pretrain.parallel.distributed import DistContext, init_distributed, launche
 from pretrain.perf.plan import format_plan, make_plan
 from pretrain.run_files import RunFiles
 from pretrain.run_lock import RunLock
+from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.loop import check_training_split, run_train
 from pretrain.train.weights import WEIGHTS
 
@@ -56,7 +57,11 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
 def check_before_work(cfg: Config, world_size: int) -> None:
     """Raise ConfigError for what the schemas cannot check alone: splits over ``world_size`` ranks, the
     DeepSpeed config with ``train.deepspeed`` merged in, and the eval lengths (for ``stage=eval`` also the models'
-    paths, PipelineError), so that no corpus is prepared and no step trained for a run that would fail later."""
+    paths, PipelineError; for training the checkpoint ``train.resume`` names), so that no corpus is prepared and no
+    step trained for a run that would fail later."""
+    files = RunFiles(cfg.run_dir)
+    if files.root.exists() and not files.root.is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir!r} is a file; give a directory (it is created when missing)")
     if cfg.stage == "all":
         # The eval stage checks again with the trained model's own length and heads.
         heads = {"model": cfg.model.n_head}
@@ -66,6 +71,7 @@ def check_before_work(cfg: Config, world_size: int) -> None:
         plan_eval(cfg, world_size)
     if cfg.stage in ("all", "train"):
         check_training_split(cfg, world_size)
+        CheckpointManager(files.checkpoints, cfg.train.keep_last, DistContext()).find(cfg.train.resume)
         sp_size = cfg.parallel.sp_size
         deepspeed_config(cfg.train, max(1, world_size // sp_size), sp_size)
 

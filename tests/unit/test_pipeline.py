@@ -1,0 +1,42 @@
+"""What the pipeline checks before any work: nothing is prepared or trained for a command that would fail."""
+
+from __future__ import annotations
+
+import pytest
+
+from pretrain.config import Config, DataConfig, EvalConfig, TrainConfig
+from pretrain.errors import ConfigError, PipelineError
+from pretrain.pipeline import check_before_work
+
+
+def config(tmp_path, **kwargs) -> Config:
+    return Config(run_dir=str(tmp_path / "run"), data=DataConfig(cache_dir=str(tmp_path / "data")), **kwargs)
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"run_dir=.* is a file; give a directory"):
+        check_before_work(cfg, 1)
+
+
+@pytest.mark.parametrize("stage", ["all", "train"])
+def test_a_resume_path_that_is_not_a_checkpoint_fails_before_prepare(tmp_path, stage):
+    cfg = config(tmp_path, stage=stage, train=TrainConfig(resume=str(tmp_path / "nowhere")))
+    with pytest.raises(PipelineError, match="no such checkpoint directory"):
+        check_before_work(cfg, 1)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_eval_of_a_run_without_weights_fails_before_prepare(tmp_path):
+    cfg = config(tmp_path, stage="eval", eval=EvalConfig())
+    with pytest.raises(PipelineError, match="no trained weights"):
+        check_before_work(cfg, 1)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_split_the_world_cannot_make_fails_before_prepare(tmp_path):
+    cfg = config(tmp_path, stage="train")
+    cfg.parallel.sp_size = 2
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        check_before_work(cfg, 3)
