@@ -46,32 +46,17 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-# What a checkpoint's pickles may refer to besides tensors and plain containers: DeepSpeed's ZeRO optimizer
-# state (DeepSpeed 0.19), and NumPy's arrays in the RNG files of earlier releases. DeepSpeed unpickles its files
-# with full pickle, which can run any code a file names, so a checkpoint that names anything else is refused.
-ALLOWED_GLOBALS = frozenset(
-    {
-        "deepspeed.utils.tensor_fragment.fragment_address",
-        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-        "deepspeed.runtime.zero.config.ZeroStageEnum",
-        "numpy.dtype",
-        "numpy.ndarray",
-        "numpy._core.multiarray._reconstruct",
-        "numpy.core.multiarray._reconstruct",
-        "numpy.dtypes.UInt32DType",
-    }
-)
-
-
 def check_pickles(step_dir: Path) -> None:
     """Raise PipelineError, naming the file, when a ``.pt`` file of a checkpoint refers to anything outside
-    ``ALLOWED_GLOBALS`` (or is not a checkpoint file at all). The files are read as pickle opcodes, never run."""
+    ``allowed_globals()`` (or is not a checkpoint file at all). The files are read as pickle opcodes, never run."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
+    allowed.add("numpy.core.multiarray._reconstruct")  # the same function, as NumPy 1 named it in older files
     for path in sorted(Path(step_dir).rglob("*.pt")):
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception as err:  # truncated, or not torch.save's format
             raise PipelineError(f"{path} is not a readable checkpoint file ({type(err).__name__}: {err})") from None
-        unexpected = sorted(set(names) - ALLOWED_GLOBALS)
+        unexpected = sorted(set(names) - allowed)
         if unexpected:
             raise PipelineError(
                 f"{path} refers to {', '.join(unexpected)}, which no checkpoint of this pipeline holds; it is not "
@@ -116,8 +101,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def allowed_globals() -> list:
-    """The objects ``ALLOWED_GLOBALS`` names, for ``torch.serialization.safe_globals`` around a
-    ``weights_only=True`` load."""
+    """What a checkpoint's pickles may refer to besides tensors and plain containers: DeepSpeed's ZeRO optimizer
+    state (DeepSpeed 0.19), and NumPy's arrays in the RNG files of earlier releases. DeepSpeed unpickles its files
+    with full pickle, which can run any code a file names, so ``check_pickles`` refuses a checkpoint naming
+    anything else; ``weights_only=True`` loads allow exactly these (``torch.serialization.safe_globals``)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -131,6 +131,7 @@ def load_checkpoint_weights(step_dir: Path) -> tuple[ModelConfig, dict]:
     """
     step_dir = Path(step_dir)
     cfg = checkpoint_model_config(step_dir)
+    check_pickles(step_dir)  # DeepSpeed's ZeRO reader unpickles with full pickle
     if any(step_dir.glob("*_optim_states.pt")):
         state = _zero_master_weights(step_dir)
     else:
@@ -144,7 +145,6 @@ def _zero_master_weights(step_dir: Path) -> dict:
 
     # It prints its progress to stdout and stderr: kept off the eval stage's console (and out of its errors'
     # way: a missing partition still raises).
-    check_pickles(step_dir)  # DeepSpeed's reader unpickles with full pickle
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
@@ -157,7 +157,6 @@ def _module_weights(step_dir: Path) -> dict:
     path = step_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise PipelineError(f"checkpoint {step_dir} holds neither ZeRO partitions nor {path.name}")
-    check_pickles(step_dir)
     # mmap: the file also holds the optimizer's moments (twice the weights), which are never read.
     with torch.serialization.safe_globals(allowed_globals()):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["module"]
