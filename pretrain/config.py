@@ -15,8 +15,10 @@ from pretrain.errors import ConfigError
 
 POS_ENCODINGS = ("alibi", "sinusoidal", "learned", "rope", "none")
 ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
-# `all` is prepare -> train -> eval; `eval` also runs prepare first (a cache hit that gives the validation split).
-STAGES = ("all", "prepare", "train", "eval")
+# `all` is prepare -> train -> eval -> export; `eval` also runs prepare first (a cache hit that gives the validation
+# split).
+STAGES = ("all", "prepare", "train", "eval", "export", "generate")
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stdlib", "files", "hf")
 
 
@@ -292,6 +294,49 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``stage=export``: a Hugging Face ``BloomForCausalLM`` directory ``<run_dir>/hf/`` (``docs/export.md``)."""
+
+    # Weights to export instead of the run's final ones: anything eval.checkpoint accepts.
+    checkpoint: Optional[str] = None
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_choice("export.dtype", self.dtype, EXPORT_DTYPES)
+        if self.checkpoint is not None and not str(self.checkpoint).strip():
+            raise ConfigError("export.checkpoint holds an empty path; give a run directory or a checkpoint")
+
+
+@dataclass
+class GenerateConfig:
+    """``stage=generate``: decoding with an ALiBi KV cache (``docs/generate.md``)."""
+
+    prompt: Optional[str] = None
+    # A text file with one prompt a line (instead of, or besides, generate.prompt).
+    prompt_file: Optional[str] = None
+    max_new_tokens: int = 64
+    # 0 is greedy decoding.
+    temperature: float = 0.8
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    seed: int = 1234
+    # Keep only the last W keys in the cache (positions stay global): constant memory for any length.
+    window: Optional[int] = None
+    # Weights to decode with instead of the run's final ones: anything eval.checkpoint accepts.
+    checkpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_positive("generate.max_new_tokens", self.max_new_tokens)
+        check_positive("generate.temperature", self.temperature, allow_zero=True)
+        if self.top_k is not None:
+            check_positive("generate.top_k", self.top_k)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"generate.top_p={self.top_p!r} is not allowed; it must be in (0, 1]")
+        if self.window is not None:
+            check_positive("generate.window", self.window)
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"
     project: str = "alibi-pretrain"
@@ -311,6 +356,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     stage: str = "all"
     run_dir: str = "runs/default"
     # Print the run's plan (sizes, batch, FLOPs, memory per device) and exit.

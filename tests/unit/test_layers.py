@@ -20,6 +20,7 @@ LAYERS = [
     {"data"},
     {"train"},
     {"eval"},
+    {"export", "generate"},
     {"pipeline", "run_lock", "__main__"},
     {"bench"},
 ]
