@@ -12,6 +12,12 @@ The position encoding is chosen in one place, ``PositionEncoding`` (``positions.
 backend in one call, ``CausalSelfAttention.attend``, which sequence parallelism replaces from outside the
 model (``pretrain.parallel``), as activation checkpointing wraps the blocks from outside
 (``pretrain.train.activation_checkpointing``). The model knows nothing of either.
+
+Decoding runs ``forward_cached`` (each module's own ``forward_cached`` beside its ``forward``): the new tokens'
+keys and values go into a ``KVCache`` (``kv_cache.py``) and attention reads the cached ones with the global
+offsets of both, so the ALiBi bias of every step is the one a full forward over the whole prefix gives. It uses
+the same parameters and kernels, never the installed ``attend`` (one rank decodes), and leaves ``forward``
+untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
+from pretrain.model.kv_cache import CacheStep, KVCache
 from pretrain.model.positions import PositionEncoding
 from pretrain.ops.attention import alibi_attention
 from pretrain.ops.loss import linear_cross_entropy
@@ -55,6 +62,33 @@ class CausalSelfAttention(nn.Module):
             y = alibi_attention(q, k, v, self.pos.slopes, offset, offset, backend=self.backend, window=window)
         return self.dense(y.transpose(1, 2).reshape(batch, length, -1))
 
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int, step: CacheStep) -> torch.Tensor:
+        """``forward`` for new tokens continuing the rows of ``cache``: their keys and values are stored in it, and
+        each group of rows at the same positions attends to its cached keys with global offsets."""
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(x).view(batch, length, self.n_head, 3, self.head_dim)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        y = None if len(step.groups) == 1 else q.new_empty(q.shape)
+        for group in step.groups:
+            positions = torch.arange(group.position, group.position + length, device=x.device)
+            q_group, k_group = self.pos.rotate(q[group.batch], k[group.batch], positions, positions)
+            keys, values = cache.update(layer, group, length, k_group, v[group.batch])
+            out = alibi_attention(
+                q_group,
+                keys,
+                values,
+                self.pos.slopes,
+                group.position,  # the first new token's global position
+                group.key_offset,  # the first cached key's
+                backend=self.backend,
+                window=cache.window,
+            )
+            if y is None:
+                y = out
+            else:
+                y[group.batch] = out
+        return self.dense(y.transpose(1, 2).reshape(batch, length, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -78,6 +112,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
         x = x + self.dropout(self.self_attention(self.input_layernorm(x), offset, positions, window))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int, step: CacheStep) -> torch.Tensor:
+        """``forward`` for new tokens continuing the rows of ``cache`` (decoding)."""
+        x = x + self.dropout(self.self_attention.forward_cached(self.input_layernorm(x), cache, layer, step))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -160,3 +199,44 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(hidden)
         return linear_cross_entropy(hidden, self.word_embeddings.weight, targets)
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        rows: list[int] | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits ``[B, n, vocab]`` of ``n`` new tokens per row, continuing rows ``rows`` of ``cache`` (all when None).
+
+        Row ``b`` of ``input_ids`` continues cache row ``rows[b]`` from the position after its cached tokens; its
+        keys and values are added to the cache. The result equals ``forward`` over each row's whole prefix (with
+        ``window=cache.window``) at the new positions; rows at different positions may be fed together. A windowed
+        cache is fed ``cache.chunk`` tokens at a time, so its memory stays bounded. ``last_only``: the logits of
+        the last new token only, ``[B, 1, vocab]`` (a prompt's prefill).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}")
+        expected = cache.batch if rows is None else len(rows)
+        if input_ids.shape[0] != expected:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows, but {expected} cache rows are continued")
+        if len(cache.keys) != len(self.h):
+            raise ValueError(f"the cache has {len(cache.keys)} layers; this model {len(self.h)}")
+        chunk = cache.chunk if cache.window is not None else input_ids.shape[1]
+        pieces = input_ids.split(max(1, chunk), dim=1)
+        hidden = []
+        for i, piece in enumerate(pieces):
+            out = self._cached_hidden_states(piece, cache, rows)
+            if not last_only or i == len(pieces) - 1:
+                hidden.append(out[:, -1:] if last_only else out)
+        return self.logits(hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1))
+
+    def _cached_hidden_states(self, input_ids: torch.Tensor, cache: KVCache, rows: list[int] | None) -> torch.Tensor:
+        step = cache.begin(rows, input_ids.shape[1])
+        positions = step.positions(input_ids.device)  # [B, n]: rows may be at different positions
+        x = self.pos.embed(self.word_embeddings(input_ids), positions)
+        x = self.embed_dropout(self.word_embeddings_layernorm(x))
+        for layer, block in enumerate(self.h):
+            x = block.forward_cached(x, cache, layer, step)
+        cache.end(step)
+        return self.ln_f(x)
