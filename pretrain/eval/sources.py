@@ -56,22 +56,7 @@ def resolve_sources(cfg: Config) -> list[ModelSource]:
     run_dir = Path(cfg.run_dir)
     sources: list[ModelSource] = []
     if ecfg.checkpoint is not None:
-        path = Path(ecfg.checkpoint).expanduser()
-        if not path.exists():
-            raise PipelineError(f"eval.checkpoint={ecfg.checkpoint!r}: no such file or directory")
-        found = _weights_dir(path)
-        if found is None:
-            raise PipelineError(
-                f"eval.checkpoint={ecfg.checkpoint!r} holds no {WEIGHTS}: give a run directory, its checkpoints/ "
-                f"directory, the {WEIGHTS} file the train stage writes at its end, or one checkpoint "
-                f"(checkpoints/step_NNNNNNNN){_newest_checkpoint(path)}"
-            )
-        if is_checkpoint(found):  # an unfinished save, or one without its model config, fails here: before any work
-            checkpoint_model_config(found, f"eval.checkpoint={ecfg.checkpoint!r}")
-        elif not (found / MODEL_CONFIG).is_file():
-            raise PipelineError(f"eval.checkpoint={ecfg.checkpoint!r}: {found / MODEL_CONFIG} is missing")
-        owner = found.parent if found.name == "checkpoints" else None
-        sources.append(ModelSource(_name(owner or found), found, owner, "eval.checkpoint"))
+        sources.append(checkpoint_source(ecfg.checkpoint, "eval.checkpoint"))
     else:
         found = _weights_dir(RunFiles(run_dir).checkpoints)
         if found is not None:
@@ -97,11 +82,34 @@ def resolve_sources(cfg: Config) -> list[ModelSource]:
     return _unique_names(sources)
 
 
-def _newest_checkpoint(path: Path) -> str:
+def checkpoint_source(value: str, key: str) -> ModelSource:
+    """The weights a setting ``key`` (``eval.checkpoint``, ``export.checkpoint``, ...) names: a run directory, its
+    checkpoints/ directory, the weights file or one DeepSpeed checkpoint. Checked before any work; a PipelineError
+    that names ``key`` when they cannot be used."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise PipelineError(f"{key}={value!r}: no such file or directory")
+    found = _weights_dir(path)
+    if found is None:
+        raise PipelineError(
+            f"{key}={value!r} holds no {WEIGHTS}: give a run directory, its checkpoints/ "
+            f"directory, the {WEIGHTS} file the train stage writes at its end, or one checkpoint "
+            f"(checkpoints/step_NNNNNNNN){_newest_checkpoint(path, key)}"
+        )
+    if is_checkpoint(found):  # an unfinished save, or one without its model config, fails here: before any work
+        checkpoint_model_config(found, f"{key}={value!r}")
+    elif not (found / MODEL_CONFIG).is_file():
+        raise PipelineError(f"{key}={value!r}: {found / MODEL_CONFIG} is missing")
+    owner = found.parent if found.name == "checkpoints" else None
+    return ModelSource(_name(owner or found), found, owner, key)
+
+
+def _newest_checkpoint(path: Path, key: str = "eval.checkpoint") -> str:
     """A hint naming the newest complete checkpoint of a run (or checkpoints directory) without final weights yet."""
     for candidate in (path, path / "checkpoints"):
         if tags := complete_tags(candidate):
-            return f"; to evaluate a run still training, give a checkpoint: eval.checkpoint={candidate / tags[-1]}"
+            verb = {"eval.checkpoint": "evaluate", "export.checkpoint": "export"}.get(key, "use")
+            return f"; to {verb} a run still training, give a checkpoint: {key}={candidate / tags[-1]}"
     return ""
 
 
