@@ -19,6 +19,21 @@ ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
 # split).
 STAGES = ("all", "prepare", "train", "eval", "export", "generate")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+# The train.* keys that shape the optimization a checkpoint continues: on resume they must equal the checkpoint's
+# unless train.resume_override names them. The schedule's length (train.max_steps) may always change: raising it is
+# how a finished run is extended.
+RESUME_OVERRIDABLE = (
+    "train.lr",
+    "train.min_lr_ratio",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.beta1",
+    "train.beta2",
+    "train.grad_clip",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.precision",
+)
 DATA_SOURCES = ("stdlib", "files", "hf")
 
 
@@ -179,6 +194,15 @@ class TrainConfig:
     ckpt_every: int = 250
     keep_last: int = 2
     resume: str = "auto"
+    # Keys of train.* that may differ from the checkpoint's on resume (their new values then apply, and the change
+    # is logged); any other difference in a key that shapes the optimization is refused.
+    resume_override: list[str] = field(default_factory=list)
+    # Weights only, for a new run: a run directory, a DeepSpeed checkpoint or an exported hf/ directory.
+    init_from: Optional[str] = None
+    # The divergence guard: a step with a non-finite loss or gradient changes no weight; this many in a row stop
+    # the run. A finite loss above spike_factor times the recent mean is logged as a spike (0: off).
+    max_bad_steps: int = 10
+    spike_factor: float = 2.0
     stop_at_step: Optional[int] = None
     time_limit: Optional[str] = None
     eval_every: int = 100
@@ -194,6 +218,21 @@ class TrainConfig:
         check_positive("train.lr", self.lr)
         check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         check_positive("train.keep_last", self.keep_last)
+        check_positive("train.max_bad_steps", self.max_bad_steps)
+        check_positive("train.spike_factor", self.spike_factor, allow_zero=True)
+        if 0 < self.spike_factor <= 1:
+            raise ConfigError(
+                f"train.spike_factor={self.spike_factor!r} is not allowed; a spike is a loss above this multiple of "
+                "the recent mean: give a factor > 1, or 0 to turn spike detection off"
+            )
+        unknown = [key for key in self.resume_override if key not in RESUME_OVERRIDABLE]
+        if unknown:
+            raise ConfigError(
+                f"train.resume_override holds {unknown[0]!r}; the keys that may change on resume are: "
+                f"{', '.join(RESUME_OVERRIDABLE)}"
+            )
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ConfigError("train.init_from holds an empty path; give a run directory, checkpoint or hf/ export")
         check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice("train.precision", self.precision, ("bf16", "fp16", "fp32"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -324,9 +363,12 @@ class GenerateConfig:
     window: Optional[int] = None
     # Weights to decode with instead of the run's final ones: anything eval.checkpoint accepts.
     checkpoint: Optional[str] = None
+    # Prompts decoded together (of any lengths: no padding enters attention).
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
         check_positive("generate.max_new_tokens", self.max_new_tokens)
+        check_positive("generate.batch_size", self.batch_size)
         check_positive("generate.temperature", self.temperature, allow_zero=True)
         if self.top_k is not None:
             check_positive("generate.top_k", self.top_k)

@@ -1,5 +1,5 @@
-"""The chain of stages: ``stage=all`` is prepare -> train -> eval; ``prepare`` / ``train`` / ``eval`` run that
-stage (after prepare, a cache hit, when it needs the corpus).
+"""The chain of stages: ``stage=all`` is prepare -> train -> eval -> export; ``prepare`` / ``train`` / ``eval`` run
+that stage (after prepare, a cache hit, when it needs the corpus); ``export`` needs no corpus.
 
 Every check of the config runs before any work: the schemas' own checks when the config is built
 (``config.py``), then the checks that need the world size (``check_before_work``). A problem a user can cause
@@ -13,17 +13,20 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain.config import Config
-from pretrain.data.prepare import run_prepare
+from pretrain.data.prepare import install_tokenizer, run_prepare
 from pretrain.errors import ConfigError, PipelineError
 from pretrain.eval.run import plan_eval, run_eval
 from pretrain.eval.split import check_eval_split
 from pretrain.eval.windows import eval_lengths
+from pretrain.export.run import plan_export, run_export
+from pretrain.generate.run import plan_generate, run_generate
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.distributed import DistContext, init_distributed, launcher_env, shutdown_distributed
 from pretrain.perf.plan import format_plan, make_plan
 from pretrain.run_files import RunFiles
 from pretrain.run_lock import RunLock
-from pretrain.train.checkpoint import CheckpointManager
+from pretrain.run_record import Invocation
+from pretrain.train.checkpoint import CheckpointManager, complete_tags
 from pretrain.train.loop import check_training_split, run_train
 from pretrain.train.weights import WEIGHTS
 
@@ -46,7 +49,7 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
         return
     ctx = init_distributed()
     try:
-        run_stages(cfg, ctx)
+        run_stages(cfg, ctx, Invocation(dict_cfg) if ctx.is_main else None)
     except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -69,6 +72,10 @@ def check_before_work(cfg: Config, world_size: int) -> None:
         check_eval_split(eval_lengths(cfg), explicit, cfg.model.seq_len, heads, cfg.parallel, world_size)
     if cfg.stage == "eval":
         plan_eval(cfg, world_size)
+    if cfg.stage == "export":
+        plan_export(cfg)  # the weights and tokenizer exist, and BLOOM and the tokenizer conversion represent them
+    if cfg.stage == "generate":
+        plan_generate(cfg)  # a prompt is given, the weights exist, a learned table is long enough
     if cfg.stage in ("all", "train"):
         check_training_split(cfg, world_size)
         CheckpointManager(files.checkpoints, cfg.train.keep_last, DistContext()).find(cfg.train.resume)
@@ -84,36 +91,52 @@ def print_run_plan(cfg: Config) -> None:
         print(format_plan(make_plan(cfg, cfg.plan_world_size or world, vocab_size=cfg.data.vocab_size)))
 
 
-def run_stages(cfg: Config, ctx: DistContext) -> None:
+def run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None = None) -> None:
     """``all``: prepare -> train -> eval; ``prepare`` / ``train`` / ``eval``: that stage after prepare."""
     lock = RunLock(cfg.run_dir, ctx)
     lock.acquire()  # before anything is written into the run directory
     try:
-        _run_stages(cfg, ctx)
+        _run_stages(cfg, ctx, invocation)
     finally:
         lock.release()
 
 
-def _run_stages(cfg: Config, ctx: DistContext) -> None:
+def check_run_tokenizer(cfg: Config, corpus) -> None:
+    """A run that has trained (final weights or a checkpoint) keeps its tokenizer: PipelineError, before anything is
+    written, when these data.* settings give another one (its model would read other pieces for its ids)."""
     files = RunFiles(cfg.run_dir)
-    trained_tokenizer = None
-    if cfg.stage == "eval" and cfg.eval.checkpoint is None:
-        # Prepare (a cache hit when the corpus is there) gives the validation split and installs its tokenizer
-        # in the run directory: a model trained on another corpus must not be scored on this one.
-        if (files.checkpoints / WEIGHTS).is_file() and files.tokenizer.is_file():
-            trained_tokenizer = files.tokenizer.read_bytes()
-        ctx.barrier()  # every rank has read it before rank 0 may replace it
-    # A later stage asks for the prepared corpus again: a cache hit when it is already there.
-    corpus = run_prepare(cfg, ctx)
-    if cfg.stage in ("all", "train"):
-        run_train(cfg, ctx, corpus)
-    if trained_tokenizer is not None and trained_tokenizer != files.tokenizer.read_bytes():
-        ctx.barrier()
-        if ctx.is_main:
-            files.tokenizer.write_bytes(trained_tokenizer)
+    trained = (files.checkpoints / WEIGHTS).is_file() or bool(complete_tags(files.checkpoints))
+    if trained and files.tokenizer.is_file() and files.tokenizer.read_bytes() != corpus.tokenizer_path.read_bytes():
         raise PipelineError(
-            f"{cfg.run_dir} was trained with another tokenizer than these data.* settings give; run stage=eval "
+            f"{cfg.run_dir} was trained with another tokenizer than these data.* settings give; run stage={cfg.stage} "
             "with the data.* settings it was trained with"
         )
+
+
+def _run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None) -> None:
+    if cfg.stage == "export":  # the run's weights and tokenizer only: no corpus is prepared
+        run_export(cfg, ctx)
+        return
+    # A later stage asks for the prepared corpus again: a cache hit when it is already there. Its tokenizer is
+    # installed in the run directory only once the stage's checks pass: a refused command changes nothing.
+    corpus = run_prepare(cfg, ctx, install=False)
+
+    def checked() -> None:
+        """The command's checks passed: its first writes into the run directory (rank 0)."""
+        install_tokenizer(corpus, cfg.run_dir)
+        if invocation is not None:
+            invocation.record(cfg.run_dir)
+
+    if cfg.stage in ("all", "train"):
+        run_train(cfg, ctx, corpus, on_checked=checked)  # after checking a resume against this config and corpus
+    else:
+        check_run_tokenizer(cfg, corpus)
+        if ctx.is_main:
+            checked()
+        ctx.barrier()
     if cfg.stage in ("all", "eval"):
         run_eval(cfg, ctx, corpus)
+    if cfg.stage == "all":
+        run_export(cfg, ctx)  # skipped, with one line saying why, for a model BLOOM cannot represent
+    if cfg.stage == "generate":  # not part of stage=all
+        run_generate(cfg, ctx, corpus)

@@ -6,6 +6,7 @@ One home for the layout the README documents (``<run_dir>/train/metrics.jsonl``,
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,25 @@ class RunFiles:
         return self.eval_dir / "results.json"
 
     @property
+    def generate_dir(self) -> Path:
+        return self.root / "generate"
+
+    @property
+    def generate_samples(self) -> Path:
+        """``stage=generate``'s completions: ``{"prompt", "text", "token_ids"}`` a line."""
+        return self.generate_dir / "samples.jsonl"
+
+    @property
+    def hf(self) -> Path:
+        """The Hugging Face export (``stage=export``), written whole under a temporary name and renamed."""
+        return self.root / "hf"
+
+    @property
+    def hydra_dir(self) -> Path:
+        """The accepted commands' configs (``pretrain.run_record``)."""
+        return self.root / ".hydra"
+
+    @property
     def lock(self) -> Path:
         """Held by the one program writing this run directory (``pretrain.run_lock``)."""
         return self.root / ".pretrain.lock"
@@ -70,3 +90,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     else:
         tmp.write_text(data)
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

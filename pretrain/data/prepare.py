@@ -38,14 +38,13 @@ from pretrain.data.shards import ShardWriter, open_shard, token_dtype
 from pretrain.data.tokenizer import (
     TRAINER_OPTIONS,
     DocumentTokenizer,
-    file_sha256,
     load_tokenizer,
     special_ids,
     train_tokenizer,
 )
 from pretrain.errors import PipelineError
 from pretrain.parallel.distributed import broadcast_from_main, pid_alive
-from pretrain.run_files import RunFiles, write_atomic
+from pretrain.run_files import RunFiles, file_sha256, write_atomic
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -155,8 +154,9 @@ def load_prepared(cfg: Config | DataConfig) -> PreparedCorpus:
 # ---------------------------------------------------------------- the stage
 
 
-def run_prepare(cfg: Config, ctx) -> PreparedCorpus:
-    """Prepare (or reuse) the corpus on rank 0 while other ranks wait; copy its tokenizer into the run directory.
+def run_prepare(cfg: Config, ctx, install: bool = True) -> PreparedCorpus:
+    """Prepare (or reuse) the corpus on rank 0 while other ranks wait; with ``install``, copy its tokenizer into the
+    run directory (a stage that checks the run first installs it itself, ``install_tokenizer``).
 
     Every rank returns the same PreparedCorpus. A failure on rank 0 is raised on every rank.
     """
@@ -164,7 +164,8 @@ def run_prepare(cfg: Config, ctx) -> PreparedCorpus:
         corpus, failure = None, None
         try:
             corpus = prepare_corpus(cfg.data)
-            install_tokenizer(corpus, cfg.run_dir)
+            if install:
+                install_tokenizer(corpus, cfg.run_dir)
             status = ("ok", str(corpus.directory))
         except Exception as err:
             failure = err

@@ -21,7 +21,6 @@ Ids 4 and 5 are the newline and tab symbols, then 256 byte pieces ``<0x00>``..``
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from collections.abc import Iterable, Iterator
@@ -139,14 +138,6 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
 def special_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
     """The special token ids of a model (-1 where it has none)."""
     return {"pad": sp.pad_id(), "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class DocumentTokenizer:

@@ -50,6 +50,15 @@ def all_reduce(values: torch.Tensor, ctx: DistContext, op=None) -> torch.Tensor:
     return on_device.to(values.device)
 
 
+def gather_objects(value, ctx: DistContext) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if ctx.world_size == 1:
+        return [value]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_from_main(ctx: DistContext, value):
     """Rank 0's ``value`` (any picklable object) on every rank; the other ranks wait here until rank 0 arrives."""
     ctx.barrier()

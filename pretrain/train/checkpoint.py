@@ -4,18 +4,24 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step_00000100/      DeepSpeed's files (model, optimizer shards), client state (step, data loader),
                         rng_rank{R}.pt per rank, and complete.json written last (step, world size, the
-                        model config: enough to evaluate the checkpoint on its own, see load_checkpoint_weights)
+                        model config: enough to evaluate the checkpoint on its own, see load_checkpoint_weights;
+                        the train.* settings and data position a resume is checked against; the SHA-256 of
+                        every file, verified before loading)
+    step_00000100.corrupt/  a checkpoint that failed verification on resume, kept for inspection, never loaded
     latest              the tag of the newest *complete* checkpoint (replaced atomically)
     step_00000100_universal/  the same checkpoint in DeepSpeed's universal format, made when a ZeRO run
                         resumes on another number of ranks
     model.safetensors   consolidated weights of the final model (also from ZeRO-3), with model_config.json
 
 A checkpoint becomes ``latest`` only after every rank has written its files and rank 0 has written
-``complete.json``, so a run killed while saving resumes from the previous checkpoint.
+``complete.json``, so a run killed while saving resumes from the previous checkpoint. Pruning removes
+``complete.json`` first, so a kill while pruning never leaves a directory that looks complete. A save that
+fails (a full disk, a file-size limit) removes its partial directory and stops the run with one line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -30,8 +36,9 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.errors import PipelineError
-from pretrain.parallel.distributed import DistContext
+from pretrain.parallel.distributed import DistContext, all_reduce
 from pretrain.run_files import write_atomic
+from pretrain.train.integrity import checksums, parameters_finite, verify_checksums
 
 LATEST = "latest"
 
@@ -129,42 +136,79 @@ class CheckpointManager:
         self.ctx = ctx
         self.sp_size = sp_size
 
-    def save(self, engine, step: int, client_state: dict, model_cfg: ModelConfig | None = None) -> Path:
+    def save(self, engine, step: int, client_state: dict, model_cfg: ModelConfig | None = None, extra=None) -> Path:
         """Save on every rank (DeepSpeed requires it), then mark complete, point ``latest`` and prune.
 
         ``model_cfg`` (with the tokenizer's vocabulary size) goes into ``complete.json``, so the checkpoint can be
-        evaluated before the run has written its final ``model_config.json``.
+        evaluated before the run has written its final ``model_config.json``; ``extra`` entries too (what a resume
+        is checked against). Weights that are not finite are never saved: PipelineError.
         """
         tag = tag_for_step(step)
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), self.directory / tag / f"rng_rank{self.ctx.rank}.pt")
+        step_dir = self.directory / tag
+        if not parameters_finite(engine.module, self.ctx):
+            raise PipelineError(
+                f"not saving checkpoint {step_dir}: the model's weights hold NaN or infinity; the last checkpoint "
+                f"({self.directory / LATEST}) is kept"
+            )
+        if self.ctx.is_main and step_dir.exists():  # an earlier, abandoned save of this step (a resumed run)
+            self._remove(tag)
         self.ctx.barrier()
+        failure = None
+        try:
+            engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+            torch.save(rng_state(), step_dir / f"rng_rank{self.ctx.rank}.pt")
+        except (OSError, RuntimeError) as err:
+            failure = err
+        self._raise_if_failed(failure, step_dir)
+        sums = checksums(step_dir, self.ctx)
         if self.ctx.is_main:
-            record = {"step": step, "world_size": self.ctx.world_size, "sp_size": self.sp_size}
+            record = {"step": step, "world_size": self.ctx.world_size, "sp_size": self.sp_size, **(extra or {})}
             if model_cfg is not None:
                 record["model_config"] = asdict(model_cfg)
-            write_atomic(self.directory / tag / COMPLETE, json.dumps(record))
+            record["checksums"] = sums
+            write_atomic(step_dir / COMPLETE, json.dumps(record))
             write_atomic(self.directory / LATEST, tag)
             self._prune(keep=tag)
         self.ctx.barrier()
-        return self.directory / tag
+        return step_dir
+
+    def _raise_if_failed(self, failure: BaseException | None, step_dir: Path) -> None:
+        """All ranks learn whether any rank's save failed; then the partial directory is removed and the run stops
+        with one line (a full disk or a file-size limit said as such)."""
+        failed = torch.tensor([0.0 if failure is None else 1.0])
+        if all_reduce(failed, self.ctx).item() == 0:
+            return
+        if self.ctx.is_main:
+            shutil.rmtree(step_dir, ignore_errors=True)
+        latest = self.directory / LATEST
+        kept = f"{latest.read_text().strip()} is still the latest checkpoint" if latest.is_file() else "no checkpoint"
+        reason = describe_write_error(failure, step_dir) if failure is not None else "another rank failed to write"
+        raise PipelineError(
+            f"could not save checkpoint {step_dir}: {reason}; the partial checkpoint was removed and {kept}: free "
+            "space, then run the same command to resume"
+        )
+
+    def _remove(self, tag: str) -> None:
+        """Delete a checkpoint: ``complete.json`` first, so that no kill leaves it looking complete."""
+        (self.directory / tag / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / tag, ignore_errors=True)
+        shutil.rmtree(self.directory / f"{tag}_universal", ignore_errors=True)
 
     def _prune(self, keep: str) -> None:
         """Remove complete checkpoints older than the newest ``keep_last`` (and their universal copies)."""
         complete = complete_tags(self.directory)
         for tag in complete[: max(0, len(complete) - self.keep_last)]:
             if tag != keep:
-                shutil.rmtree(self.directory / tag, ignore_errors=True)
-                shutil.rmtree(self.directory / f"{tag}_universal", ignore_errors=True)
+                self._remove(tag)
 
     def find(self, resume: str) -> tuple[Path, str] | None:
-        """``(load_dir, tag)`` to resume from for ``train.resume`` (auto | none | PATH), or None to start fresh."""
+        """``(load_dir, tag)`` to resume from for ``train.resume`` (auto | none | PATH), or None to start fresh.
+        Reads only the directory's records; ``find_verified`` also verifies the files."""
         if resume == "none":
             return None
         if resume == "auto":
-            if not (self.directory / LATEST).exists():
-                return None
-            return self.directory, self._read_latest(self.directory, "train.resume=auto")
+            candidates = self._auto_candidates()
+            return (self.directory, candidates[0]) if candidates else None
         path = Path(resume)
         if not path.exists():
             raise PipelineError(f"train.resume={resume!r}: no such checkpoint directory")
@@ -177,15 +221,51 @@ class CheckpointManager:
             f"complete checkpoint (with {COMPLETE})"
         )
 
+    def _auto_candidates(self) -> list[str]:
+        """Complete checkpoints for ``train.resume=auto``, newest first: the one ``latest`` names and older ones."""
+        if not (self.directory / LATEST).exists():
+            return []
+        latest = (self.directory / LATEST).read_text().strip()
+        return [tag for tag in reversed(complete_tags(self.directory)) if tag <= latest]
+
+    def find_verified(self, resume: str, say=print) -> tuple[Path, str] | None:
+        """``find``, with every file of the checkpoint verified against the checksums recorded when it was saved.
+
+        ``train.resume=auto`` falls back to the newest checkpoint that verifies: one that does not is renamed
+        ``<tag>.corrupt`` (kept, never loaded) and ``say`` tells which and why. An explicit path that fails raises a
+        PipelineError naming the file. All ranks call; they share the hashing.
+        """
+        if resume != "auto":
+            found = self.find(resume)
+            if found is not None:
+                problem = verify_checksums(found[0] / found[1], self.record(*found).get("checksums"), self.ctx)
+                if problem:
+                    raise PipelineError(f"train.resume={resume!r}: {problem}")
+            return found
+        for tag in self._auto_candidates():
+            recorded = self.record(self.directory, tag).get("checksums")
+            problem = verify_checksums(self.directory / tag, recorded, self.ctx)
+            if problem is None:
+                if self.ctx.is_main and (self.directory / LATEST).read_text().strip() != tag:
+                    write_atomic(self.directory / LATEST, tag)
+                self.ctx.barrier()
+                return self.directory, tag
+            if self.ctx.is_main:
+                say(f"skipping checkpoint {tag}: {problem}; it is kept as {tag}.corrupt and not loaded")
+                (self.directory / tag / COMPLETE).rename(self.directory / tag / f"{COMPLETE}.unverified")
+                (self.directory / tag).rename(self.directory / f"{tag}.corrupt")
+            self.ctx.barrier()
+        if (self.directory / LATEST).exists() and self.ctx.is_main:
+            say(f"no checkpoint under {self.directory} verifies: training starts from the beginning")
+        return None
+
     @staticmethod
-    def _read_latest(directory: Path, key: str) -> str:
-        tag = (directory / LATEST).read_text().strip()
-        if not (directory / tag / COMPLETE).exists():
-            raise PipelineError(
-                f"{key}: {directory / LATEST} names checkpoint {tag!r}, which is missing or incomplete "
-                f"under {directory}; point train.resume at a complete checkpoint or use train.resume=none"
-            )
-        return tag
+    def record(load_dir: Path, tag: str) -> dict:
+        """A checkpoint's ``complete.json``."""
+        try:
+            return json.loads((load_dir / tag / COMPLETE).read_text())
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"{load_dir / tag / COMPLETE} cannot be read ({err})") from None
 
     @staticmethod
     def saved_world_size(load_dir: Path, tag: str) -> int:
@@ -234,6 +314,23 @@ class CheckpointManager:
         if rng_file.exists():
             set_rng_state(load_rng_file(rng_file))
         return client_state
+
+
+def describe_write_error(err: BaseException, path: Path) -> str:
+    """What a failed write means, in words: a full disk and a file-size limit named as such."""
+    code = getattr(err, "errno", None)
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        return f"the disk is full ({path})"
+    if code == errno.EFBIG:
+        return f"a file reached the size limit (ulimit -f) ({path})"
+    text = str(err)
+    # torch.save reports a short write as a RuntimeError without an errno.
+    if "file write failed" in text or "unexpected pos" in text:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        if free < 64 * 2**20:
+            return f"the disk is full ({free // 2**20} MiB free at {path.parent})"
+        return f"a file could not be written in full: the disk is full or a file-size limit was reached ({path})"
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def complete_tags(directory: Path) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.data.loader import TokenWindowLoader, val_batches
+from pretrain.data.prepare import install_tokenizer
 from pretrain.model.gpt import GPT
 from pretrain.parallel.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
 from pretrain.parallel.distributed import DistContext, all_reduce, build_parallel_groups, ensure_process_group
@@ -28,9 +30,11 @@ from pretrain.perf.memory import MIB, peak_memory_meter, preload_framework_code
 from pretrain.run_files import RunFiles
 from pretrain.train.activation_checkpointing import apply_activation_checkpointing
 from pretrain.train.checkpoint import CheckpointManager
+from pretrain.train.guard import DivergenceGuard
 from pretrain.train.monitor import Monitor
 from pretrain.train.optim import build_optimizer
-from pretrain.train.weights import save_weights
+from pretrain.train.resume import apply_overrides, check_resume, train_record
+from pretrain.train.weights import load_init_weights, save_weights
 
 
 class StopSignal:
@@ -70,6 +74,12 @@ class StopSignal:
 def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> float:
     """The mean of a one-element tensor over all ranks, as a float."""
     return (all_reduce(value.detach().float().reshape(1), ctx) / ctx.world_size).item()
+
+
+def finite_on_all_ranks(value: torch.Tensor, ctx: DistContext) -> bool:
+    """Whether ``value`` is finite on every rank."""
+    flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0])
+    return bool(all_reduce(flag, ctx, op=dist.ReduceOp.MIN).item() > 0)
 
 
 def grad_norm_stage0(model: torch.nn.Module) -> float:
@@ -114,8 +124,11 @@ def check_training_split(cfg: Config, world_size: int) -> None:
     )
 
 
-def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
-    """Train ``cfg.model`` on a prepared corpus; returns a summary (steps, final loss, where things are)."""
+def run_train(cfg: Config, ctx: DistContext, corpus, on_checked: Callable[[], None] | None = None) -> dict:
+    """Train ``cfg.model`` on a prepared corpus; returns a summary (steps, final loss, where things are).
+
+    ``on_checked`` runs on rank 0 once the resume is checked against this config and corpus, before anything is
+    written into the run directory (default: install the corpus's tokenizer there)."""
     import deepspeed
 
     run_dir = Path(cfg.run_dir)
@@ -123,15 +136,34 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     pcfg = cfg.parallel
     check_training_split(cfg, ctx.world_size)
     checkpoints = CheckpointManager(RunFiles(run_dir).checkpoints, tcfg.keep_last, ctx, sp_size=pcfg.sp_size)
-    found = checkpoints.find(tcfg.resume)  # a bad resume path fails here, before any heavy work
+    checkpoints.find(tcfg.resume)  # a bad resume path fails here, before any heavy work
     ensure_process_group(ctx)
     groups = build_parallel_groups(ctx, pcfg.sp_size)
     dp_size = groups.dp_size
+    model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
+    loader = TokenWindowLoader(
+        corpus.train_path,
+        corpus.dtype,
+        model_cfg.seq_len,
+        tcfg.micro_batch_size,
+        seed=tcfg.seed,
+        dp_rank=groups.dp_rank,
+        dp_size=dp_size,
+    )
+    # Verified against the checksums saved with it (train.resume=auto falls back past a corrupt one), and checked
+    # against this config and corpus, before anything is loaded or written.
+    found = checkpoints.find_verified(tcfg.resume)
+    overrides = []
+    if found is not None:
+        overrides = check_resume(
+            checkpoints.record(*found), cfg, model_cfg, loader.state_dict(), str(found[0] / found[1])
+        )
+    if ctx.is_main:
+        (on_checked or (lambda: install_tokenizer(corpus, run_dir)))()
     # ZeRO shards optimizer state by rank: another world size loads through the universal format.
     universal = found is not None and tcfg.zero_stage > 0 and checkpoints.saved_world_size(*found) != ctx.world_size
     if universal:
         found = checkpoints.to_universal(*found)
-    model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
 
     # What the model, optimizer and steps add to this process's memory (compared with the plan). Code the
     # framework loads on first use is not the run's: it is loaded before the baseline.
@@ -141,13 +173,17 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(tcfg.seed)
     model = GPT(model_cfg)
+    init_note = None
+    if tcfg.init_from is not None and found is None:
+        init_note = load_init_weights(model, tcfg.init_from, corpus.tokenizer_path)
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(model.h)
     layout = None
     if groups.sp_size > 1:
         layout = apply_sequence_parallel(model, groups.sp_group, pcfg.sp_mode, model_cfg.seq_len, pcfg.zigzag)
     n_params = model.num_parameters()
-    optimizer, scheduler = build_optimizer(model, tcfg)
+    guard = DivergenceGuard(tcfg.max_bad_steps, tcfg.spike_factor)
+    optimizer, scheduler = build_optimizer(model, tcfg, wrap=guard.wrap)
     ds_config = deepspeed_config(tcfg, dp_size, groups.sp_size, n_params)
     loss_scale = sequence_loss_scale(tcfg.zero_stage, groups.sp_size)
     if universal:
@@ -158,21 +194,13 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
     skip_lone_allreduce(engine, ctx.world_size, tcfg.zero_stage)
     if tcfg.compile:
         engine.compile()
-    loader = TokenWindowLoader(
-        corpus.train_path,
-        corpus.dtype,
-        model_cfg.seq_len,
-        tcfg.micro_batch_size,
-        seed=tcfg.seed,
-        dp_rank=groups.dp_rank,
-        dp_size=dp_size,
-    )
     start_step, resumed_loss = 0, math.nan
     if found is not None:
         client_state = checkpoints.load(engine, *found)
         start_step = client_state["step"]
         resumed_loss = client_state.get("loss", math.nan)
         loader.load_state_dict(client_state["loader"])
+        apply_overrides(optimizer, scheduler, cfg)
 
     def validation_batches():
         return val_batches(
@@ -199,6 +227,8 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
         f"ZeRO-{tcfg.zero_stage}, {tcfg.precision}"
         + (f"; each sequence split over {groups.sp_size} ranks ({pcfg.sp_mode})" if layout else "")
         + (f"\nresumed from {found[0] / found[1]} at step {start_step}" if found else "")
+        + "".join(f"\nchanged on resume: {change}" for change in overrides)
+        + (f"\n{init_note}" if init_note else "")
     )
     stopper = StopSignal(tcfg.stop_at_step, tcfg.time_limit_s, ctx)
     wall_start = time.monotonic()
@@ -218,16 +248,26 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                 inputs, targets = loader.next_batch()
                 loss = forward_loss(engine, inputs, targets, layout)
                 engine.backward(loss * loss_scale)
-                if engine.is_gradient_accumulation_boundary() and tcfg.zero_stage == 0:
-                    norm = grad_norm_stage0(engine.module)
+                loss_sum += loss.detach().float()
+                if engine.is_gradient_accumulation_boundary():
+                    guard.before_update(finite_on_all_ranks(loss_sum, ctx))
+                    if tcfg.zero_stage == 0:
+                        norm = grad_norm_stage0(engine.module)
                 lr = scheduler.get_last_lr()[0]
                 engine.step()
-                loss_sum += loss.detach().float()
             step += 1
             loss_value = mean_over_ranks(loss_sum / tcfg.grad_accum, ctx)
             if norm is None:
                 reported = engine.get_global_grad_norm()
                 norm = None if reported is None else float(reported)
+            # fp16's loss scaler skips overflowing steps itself, with an infinite norm: not a divergence.
+            flags = guard.after_step(step, loss_value, None if tcfg.precision == "fp16" else norm)
+            if flags.get("loss_spike"):
+                monitor.write(
+                    f"step {step}: loss spike: {loss_value:.4f} is above {tcfg.spike_factor} x the recent mean"
+                )
+            if flags.get("skipped"):
+                monitor.write(f"step {step}: the loss or gradient is not finite; the update was skipped")
             elapsed = time.perf_counter() - started
             tokens_per_s = tokens_per_step / elapsed
             monitor.log_step(
@@ -241,6 +281,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
                     "step_time_s": elapsed,
                     "mfu": mfu(tokens_per_s / ctx.world_size, per_token, peak),
                     "peak_memory_mib": memory.peak_extra_bytes() / MIB,
+                    **flags,
                 },
             )
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
@@ -248,7 +289,8 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 client_state = {"step": step, "loader": loader.state_dict(), "loss": loss_value}
-                checkpoints.save(engine, step, client_state, model_cfg)  # model_cfg: evaluable on its own
+                record = {"train_config": train_record(cfg), "loader": loader.state_dict(), "loss": loss_value}
+                checkpoints.save(engine, step, client_state, model_cfg, record)  # model_cfg: evaluable on its own
             if stopping:
                 monitor.write(
                     f"stopped after step {step} ({stopper.reason}); checkpoint saved, resume with the same command"
@@ -264,5 +306,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus) -> dict:
             )
     finally:
         stopper.restore()
-        monitor.close({"final_loss": loss_value, "steps": step})
+        monitor.close(
+            {"final_loss": loss_value, "steps": step, "bad_steps": guard.bad_steps, "loss_spikes": guard.spikes}
+        )
     return {"steps": step, "loss": loss_value, "finished": finished, "model_config": model_cfg}

@@ -21,8 +21,11 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    """``(AdamW, LambdaLR)``. Biases, LayerNorms and other vectors are not decayed (GPT-3, nanoGPT)."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, wrap=None):
+    """``(AdamW, LambdaLR)``. Biases, LayerNorms and other vectors are not decayed (GPT-3, nanoGPT).
+
+    ``wrap(optimizer)`` runs before the schedule is attached (the divergence guard wraps ``step`` there: the
+    schedule records the step function it will see)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -32,6 +35,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         {"params": no_decay, "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if wrap is not None:
+        wrap(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     )

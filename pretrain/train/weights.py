@@ -11,18 +11,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.errors import PipelineError
+from pretrain.errors import ConfigError, PipelineError
+from pretrain.model.bloom import from_bloom_state_dict, model_config_from_bloom
 from pretrain.parallel.distributed import DistContext
-from pretrain.run_files import write_atomic
+from pretrain.run_files import file_sha256, write_atomic
 from pretrain.train.checkpoint import COMPLETE, TAG_PATTERN, allowed_globals, check_pickles, complete_tags
+from pretrain.train.integrity import nonfinite_tensors, verify_checksums
 
 WEIGHTS = "model.safetensors"
+# ``sha256sum``'s format: "<hex>  model.safetensors"; checked before the weights are read.
+WEIGHTS_CHECKSUM = "model.safetensors.sha256"
 
 
 MODEL_CONFIG = "model_config.json"
@@ -41,8 +46,16 @@ def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, directory: Path
     else:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if ctx.is_main else None
     if ctx.is_main:
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise PipelineError(f"not writing {directory / WEIGHTS}: {bad[0]} holds NaN or infinity")
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS))
+        # Through a temporary file: a reader, or a crash, sees the old weights or the new ones.
+        tmp = directory / f".{WEIGHTS}.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        digest = file_sha256(tmp)
+        os.replace(tmp, directory / WEIGHTS)
+        write_atomic(directory / WEIGHTS_CHECKSUM, f"{digest}  {WEIGHTS}\n")
         write_atomic(directory / MODEL_CONFIG, json.dumps(asdict(model_cfg), indent=2))
     ctx.barrier()
     return directory / WEIGHTS
@@ -59,7 +72,24 @@ def load_weights(directory: Path) -> tuple[ModelConfig, dict]:
     if not (directory / WEIGHTS).exists():
         raise PipelineError(f"no {WEIGHTS} in {directory}: train the model first (stage=train)")
     cfg = ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
-    return cfg, load_file(str(directory / WEIGHTS))
+    path = directory / WEIGHTS
+    checksum = directory / WEIGHTS_CHECKSUM
+    if checksum.is_file() and file_sha256(path) != checksum.read_text().split()[0]:
+        raise PipelineError(f"{path} does not match its checksum in {checksum.name} (corrupt or truncated)")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors' own error types
+        raise PipelineError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    return cfg, check_finite(state, path)
+
+
+def check_finite(state: dict, where: Path) -> dict:
+    """``state`` itself, or a PipelineError naming the first tensor that holds NaN or infinity."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise PipelineError(f"{where}: weight {bad[0]}{more} holds NaN or infinity; these weights cannot be used")
+    return state
 
 
 def model_config(directory: Path) -> ModelConfig:
@@ -131,12 +161,15 @@ def load_checkpoint_weights(step_dir: Path) -> tuple[ModelConfig, dict]:
     """
     step_dir = Path(step_dir)
     cfg = checkpoint_model_config(step_dir)
+    problem = verify_checksums(step_dir, json.loads((step_dir / COMPLETE).read_text()).get("checksums"))
+    if problem:
+        raise PipelineError(problem)
     check_pickles(step_dir)  # DeepSpeed's ZeRO reader unpickles with full pickle
     if any(step_dir.glob("*_optim_states.pt")):
         state = _zero_master_weights(step_dir)
     else:
         state = _module_weights(step_dir)
-    return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return cfg, check_finite({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, step_dir)
 
 
 def _zero_master_weights(step_dir: Path) -> dict:
@@ -160,3 +193,67 @@ def _module_weights(step_dir: Path) -> dict:
     # mmap: the file also holds the optimizer's moments (twice the weights), which are never read.
     with torch.serialization.safe_globals(allowed_globals()):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["module"]
+
+
+def _init_source(path: Path) -> tuple[ModelConfig, dict, Path | None]:
+    """``(ModelConfig, state_dict, the run directory or None)`` of what ``train.init_from`` names."""
+    from safetensors.torch import load_file
+
+    key = f"train.init_from={str(path)!r}"
+    if path.is_file() and path.name == WEIGHTS:
+        path = path.parent
+    if not path.is_dir():
+        raise PipelineError(f"{key}: no such directory (give a run directory, a checkpoint or an exported hf/)")
+    if (path / "config.json").is_file() and (path / WEIGHTS).is_file():  # an exported (or any) BLOOM model
+        try:
+            cfg = model_config_from_bloom(json.loads((path / "config.json").read_text()))
+            state = from_bloom_state_dict(load_file(str(path / WEIGHTS)))
+        except (ConfigError, ValueError) as err:
+            raise PipelineError(f"{key}: {err}") from None
+        except Exception as err:  # safetensors' own error types
+            raise PipelineError(f"{key}: {path / WEIGHTS} cannot be read ({type(err).__name__}: {err})") from None
+        return cfg, check_finite({k: v.float() for k, v in state.items()}, path), None
+    if (path / "checkpoints").is_dir():  # a run directory
+        run_dir, path = path, path / "checkpoints"
+    else:
+        run_dir = path.parent.parent if is_checkpoint(path) else path.parent
+    if not (path / WEIGHTS).is_file() and not is_checkpoint(path):
+        tags = complete_tags(path)
+        if not tags:
+            raise PipelineError(f"{key}: {path} holds neither {WEIGHTS} nor a complete checkpoint")
+        path = path / tags[-1]
+    cfg, state = load_weights(path)
+    return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, run_dir
+
+
+def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer: Path) -> str:
+    """Load the weights ``train.init_from`` names into ``model`` (a new run: no optimizer state, schedule or data
+    position is taken); return a line saying what was loaded. Shapes must match: PipelineError naming both models.
+    A run directory's tokenizer must be ``tokenizer``'s."""
+    saved_cfg, state, run_dir = _init_source(Path(init_from))
+    key = f"train.init_from={init_from!r}"
+    if run_dir is not None:
+        theirs = run_dir / "tokenizer" / "spm.model"
+        if theirs.is_file() and theirs.read_bytes() != Path(tokenizer).read_bytes():
+            raise PipelineError(
+                f"{key} was trained with another tokenizer ({theirs}) than these data.* settings give; its token "
+                "ids would mean other pieces here: use the data.* settings (or data.tokenizer) it was trained with"
+            )
+    ours = model.state_dict()
+    now = model.cfg
+    for name, tensor in ours.items():
+        if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
+            there = tuple(state[name].shape) if name in state else "absent"
+            raise PipelineError(
+                f"{key} holds a model of {_shape(saved_cfg)}, this run's is {_shape(now)}: weight {name} is {there} "
+                f"there and {tuple(tensor.shape)} here; the model.* shape must match to start from these weights"
+            )
+    model.load_state_dict({name: state[name].to(ours[name].dtype) for name in ours})
+    note = f"initialised from {init_from} ({_shape(saved_cfg)}, trained at seq_len {saved_cfg.seq_len})"
+    if saved_cfg.pos_encoding != now.pos_encoding:
+        note += f"; note: its positions were {saved_cfg.pos_encoding}, this run's are {now.pos_encoding}"
+    return note + "; the optimizer, schedule and data start fresh"
+
+
+def _shape(cfg: ModelConfig) -> str:
+    return f"n_layer={cfg.n_layer}, n_head={cfg.n_head}, d_model={cfg.d_model}, vocabulary {cfg.vocab_size}"

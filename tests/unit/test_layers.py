@@ -21,7 +21,7 @@ LAYERS = [
     {"train"},
     {"eval"},
     {"export", "generate"},
-    {"pipeline", "run_lock", "__main__"},
+    {"pipeline", "run_lock", "run_record", "__main__"},
     {"bench"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}

@@ -1,0 +1,91 @@
+"""What may change when a run resumes from a checkpoint, checked before anything is loaded or written.
+
+A checkpoint continues one model on one corpus: the model's shape and position encoding, and the train shard
+(recorded in ``complete.json``), must be the checkpoint's; a new run from its weights is ``train.init_from``.
+The keys that shape the optimization (``RESUME_OVERRIDABLE``, plus ``train.seed`` and ``train.zero_stage``) must be
+the checkpoint's too, unless ``train.resume_override`` names them: then the new value applies from the resumed
+step on, and the change is logged. Everything else (``train.max_steps``, checkpoint and eval intervals, limits)
+may change freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from pretrain.config import RESUME_OVERRIDABLE, Config, ModelConfig
+from pretrain.errors import PipelineError
+from pretrain.train.optim import lr_multiplier
+
+# Model keys that do not change the function the weights compute (the attention backend computes the same
+# attention) or only matter at initialisation.
+MODEL_FREE = ("attention", "dropout", "init_std")
+TRAIN_FIXED = ("train.seed", "train.zero_stage")
+
+
+def train_record(cfg: Config) -> dict:
+    """The ``train.*`` values a checkpoint records, so that a resume can compare against them."""
+    return {key: getattr(cfg.train, key.removeprefix("train.")) for key in RESUME_OVERRIDABLE + TRAIN_FIXED}
+
+
+def check_resume(record: dict, cfg: Config, model_cfg: ModelConfig, loader_state: dict, where: str) -> list[str]:
+    """Raise PipelineError (one line, naming both values) for a change a resume cannot make; return the overridden
+    changes as lines to log. ``record`` is the checkpoint's ``complete.json``; a checkpoint of an earlier release
+    lacks some entries, which are then not compared."""
+    init_hint = f"to start a new run from these weights, use train.init_from={where} in another run_dir"
+    saved_model = record.get("model_config")
+    if saved_model is not None:
+        now = asdict(model_cfg)
+        for key, saved in saved_model.items():
+            if key in MODEL_FREE or key not in now or now[key] == saved:
+                continue
+            what = "the tokenizer's vocabulary (data.* settings)" if key == "vocab_size" else f"model.{key}"
+            raise PipelineError(
+                f"{what} is {now[key]!r} but checkpoint {where} holds a model with {key}={saved!r}; a resume continues "
+                f"the same model: {init_hint}"
+            )
+    saved_loader = record.get("loader")
+    if saved_loader is not None:
+        for key in ("n_tokens", "checksum"):
+            if saved_loader.get(key) != loader_state.get(key):
+                raise PipelineError(
+                    f"checkpoint {where} was trained on another train split (another corpus or tokenizer: "
+                    f"{key} {saved_loader.get(key)!r}, now {loader_state.get(key)!r}); resume with the data.* settings "
+                    f"it was trained with, or {init_hint}"
+                )
+    changes = []
+    saved_train = record.get("train_config", {})
+    now_train = train_record(cfg)
+    for key, saved in saved_train.items():
+        if key not in now_train or now_train[key] == saved:
+            continue
+        if key in cfg.train.resume_override:
+            changes.append(f"{key}: {saved!r} -> {now_train[key]!r} (train.resume_override)")
+            continue
+        allowed = (
+            f"to change it from here on, add train.resume_override=[{key}]"
+            if key in RESUME_OVERRIDABLE
+            else "it cannot change within a run"
+        )
+        raise PipelineError(
+            f"{key}={now_train[key]!r}, but checkpoint {where} was trained with {key}={saved!r}; {allowed}, or "
+            f"{init_hint}"
+        )
+    return changes
+
+
+def apply_overrides(optimizer, scheduler, cfg: Config) -> None:
+    """After loading a checkpoint: put the overridden optimizer settings into the restored optimizer and schedule
+    (the checkpoint's own values would otherwise win). The schedule's shape (warm-up, floor) is read from the
+    config at every step already; ``train.grad_clip``, batch sizes and precision come from the new config."""
+    tcfg, overridden = cfg.train, set(cfg.train.resume_override)
+    if "train.lr" in overridden:
+        scheduler.base_lrs = [tcfg.lr for _ in scheduler.base_lrs]
+    multiplier = lr_multiplier(scheduler.last_epoch, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
+    for index, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = scheduler.base_lrs[index]
+        group["lr"] = scheduler.base_lrs[index] * multiplier
+        if "train.weight_decay" in overridden and index == 0:  # build_optimizer's first group is the decayed one
+            group["weight_decay"] = tcfg.weight_decay
+        if overridden & {"train.beta1", "train.beta2"}:
+            group["betas"] = (tcfg.beta1, tcfg.beta2)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
