@@ -32,8 +32,44 @@ def adapt_launcher_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def unknown_key_message(args: list[str]) -> str | None:
+    """One line naming the first override whose key the config does not have (Hydra's own message takes seven),
+    with the closest known key; None when every key exists. ``+key=`` (append) and ``hydra.*`` are Hydra's own."""
+    import dataclasses
+    import difflib
+    import typing
+
+    from pretrain.config import Config
+
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if "=" not in arg or key.startswith(("+", "~", "hydra.", "hydra/")) or key.startswith("--"):
+            continue
+        schema: typing.Any = Config
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not dataclasses.is_dataclass(schema):
+                break  # below a free-form value (train.deepspeed): anything goes
+            names = {f.name: f for f in dataclasses.fields(schema)}
+            if part not in names:
+                where = ".".join(parts[:depth])
+                known = sorted(names)
+                close = difflib.get_close_matches(part, known, n=1)
+                full = [f"{where}.{name}" if where else name for name in known]
+                hint = f"did you mean {full[known.index(close[0])]}? " if close else ""
+                scope = f"{where}.* keys" if where else "top-level keys and groups"
+                return f"error: unknown config key {key!r}; {hint}{scope}: {', '.join(full)}"
+            field_type = names[part].type
+            schema = typing.get_type_hints(schema)[part] if isinstance(field_type, str) else field_type
+    return None
+
+
 def main() -> None:
     sys.argv = adapt_launcher_argv(sys.argv)
+    message = unknown_key_message(sys.argv[1:])
+    if message is not None:
+        print(message, file=sys.stderr)
+        sys.exit(2)
 
     import hydra
     from omegaconf import DictConfig

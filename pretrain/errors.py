@@ -12,3 +12,8 @@ class ConfigError(ValueError):
 
 class PipelineError(RuntimeError):
     """A problem with the user's input found while a stage runs (a missing file, an empty corpus, ...)."""
+
+
+# The exit status of a run stopped early by a signal or train.time_limit with a checkpoint saved: a scheduler
+# requeues the job on it and the same command resumes (EX_TEMPFAIL: "try again later").
+EXIT_STOPPED_EARLY = 75

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.config import Config
 from pretrain.data.prepare import install_tokenizer, run_prepare
-from pretrain.errors import ConfigError, PipelineError
+from pretrain.errors import EXIT_STOPPED_EARLY, ConfigError, PipelineError
 from pretrain.eval.run import plan_eval, run_eval
 from pretrain.eval.split import check_eval_split
 from pretrain.eval.windows import eval_lengths
@@ -53,6 +53,9 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
     except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first asks training to stop with a checkpoint
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         shutdown_distributed()
 
@@ -115,6 +118,8 @@ def check_run_tokenizer(cfg: Config, corpus) -> None:
 
 def _run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None) -> None:
     if cfg.stage == "export":  # the run's weights and tokenizer only: no corpus is prepared
+        if ctx.is_main and invocation is not None:
+            invocation.record(cfg.run_dir)  # its checks passed in check_before_work (plan_export)
         run_export(cfg, ctx)
         return
     # A later stage asks for the prepared corpus again: a cache hit when it is already there. Its tokenizer is
@@ -128,7 +133,15 @@ def _run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None) ->
             invocation.record(cfg.run_dir)
 
     if cfg.stage in ("all", "train"):
-        run_train(cfg, ctx, corpus, on_checked=checked)  # after checking a resume against this config and corpus
+        # on_checked: after checking a resume against this config and corpus.
+        trained = run_train(cfg, ctx, corpus, on_checked=checked)
+        if not trained["finished"]:
+            # The later stages would use stale or no weights: the chain stops here.
+            if ctx.is_main and cfg.stage == "all":
+                print(f"training stopped before train.max_steps ({trained['stopped']}): the later stages did not run")
+            if trained["requeue"]:
+                sys.exit(EXIT_STOPPED_EARLY)
+            return
     else:
         check_run_tokenizer(cfg, corpus)
         if ctx.is_main:

@@ -563,6 +563,12 @@ def _say_summary(corpus: PreparedCorpus) -> None:
         f"{val['tokens'] / 1e6:.2f}M), vocab {meta['vocab_size']} ({meta['dtype']}), {seconds:.1f} s "
         f"({tokens / max(seconds, 1e-9) / 1e3:,.0f}k tokens/s), {disk / 1e6:.1f} MB on disk -> {corpus.directory}"
     )
+    dropped = meta.get("documents_dropped_empty", 0)
+    if dropped:
+        _say(
+            f"skipped {dropped:,} documents without text (an empty text, or a row whose data.text_field is missing "
+            "or null); meta.json counts them as documents_dropped_empty"
+        )
 
 
 def _say(message: str) -> None:

@@ -43,6 +43,7 @@ class DivergenceGuard:
         self.first_bad_step: int | None = None
         self.bad_steps = 0
         self.spikes = 0
+        self.failure: str | None = None
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> None:
         """Make ``optimizer.step`` skip the update of a bad step (before a schedule is attached to it)."""
@@ -62,9 +63,13 @@ class DivergenceGuard:
         self.loss_finite = loss_finite
         self.updates_skipped = 0
 
+    def raise_if_diverged(self) -> None:
+        """PipelineError once ``max_bad_steps`` bad steps came in a row (called after the step is logged)."""
+        if self.failure is not None:
+            raise PipelineError(self.failure)
+
     def after_step(self, step: int, loss: float, grad_norm: float | None) -> dict:
-        """Account for optimizer step ``step``; return what to log with it. Raises PipelineError after
-        ``max_bad_steps`` bad steps in a row."""
+        """Account for optimizer step ``step``; return what to log with it."""
         norm_bad = grad_norm is not None and not math.isfinite(grad_norm)
         bad = not math.isfinite(loss) or self.updates_skipped > 0 or norm_bad
         record: dict = {}
@@ -75,7 +80,7 @@ class DivergenceGuard:
                 self.first_bad_step = step
             record["skipped"] = True
             if self.bad_in_a_row >= self.max_bad_steps:
-                raise PipelineError(
+                self.failure = (
                     f"training diverged: the loss or gradients were not finite in {self.bad_in_a_row} steps in a row "
                     f"(steps {self.first_bad_step}..{step}, train.max_bad_steps={self.max_bad_steps}); no checkpoint "
                     "was written from them. Resume from the last checkpoint with a lower learning rate "

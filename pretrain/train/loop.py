@@ -39,36 +39,45 @@ from pretrain.train.weights import load_init_weights, save_weights
 
 class StopSignal:
     """Asks the loop to stop after the current step (with a checkpoint) on SIGTERM, as a scheduler sends
-    before preempting an allocation, on a time limit, or at ``train.stop_at_step``. Ranks agree on it."""
+    before preempting an allocation, on Ctrl-C (SIGINT; a second one interrupts at once), on a time limit, or at
+    ``train.stop_at_step``. Ranks agree on it."""
 
     def __init__(self, stop_at_step: int | None, time_limit_s: float | None, ctx: DistContext):
         self.stop_at_step = stop_at_step
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.ctx = ctx
         self.reason: str | None = None
-        self._signalled = False
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.from_outside = False
+        self._signals: list[str] = []
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._signalled = True
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name not in self._signals:
+            self._signals.append(name)
+        if signum == signal.SIGINT:
+            if self.ctx.is_main:
+                print("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to interrupt at once)")
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def check(self, step: int) -> bool:
-        reasons = []
-        if self._signalled:
-            reasons.append("SIGTERM")
+        reasons = list(self._signals)
         if self.deadline is not None and time.monotonic() >= self.deadline:
             reasons.append("train.time_limit")
+        outside = bool(reasons)
         if self.stop_at_step is not None and step >= self.stop_at_step:
             reasons.append(f"train.stop_at_step={self.stop_at_step}")
-        flag = torch.tensor([1.0 if reasons else 0.0])
-        flag = all_reduce(flag, self.ctx, op=dist.ReduceOp.MAX)  # one rank's signal stops them all, at one step
-        if flag.item() > 0:
+        flags = torch.tensor([1.0 if reasons else 0.0, 1.0 if outside else 0.0])
+        flags = all_reduce(flags, self.ctx, op=dist.ReduceOp.MAX)  # one rank's signal stops them all, at one step
+        if flags[0].item() > 0:
             self.reason = ", ".join(reasons) or "another rank asked to stop"
+            self.from_outside = flags[1].item() > 0
             return True
         return False
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> float:
@@ -284,6 +293,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus, on_checked: Callable[[], No
                     **flags,
                 },
             )
+            guard.raise_if_diverged()
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                 monitor.log_eval(step, validation_loss(engine, validation_batches(), ctx, layout))
             stopping = step < tcfg.max_steps and stopper.check(step)
@@ -309,4 +319,12 @@ def run_train(cfg: Config, ctx: DistContext, corpus, on_checked: Callable[[], No
         monitor.close(
             {"final_loss": loss_value, "steps": step, "bad_steps": guard.bad_steps, "loss_spikes": guard.spikes}
         )
-    return {"steps": step, "loss": loss_value, "finished": finished, "model_config": model_cfg}
+    return {
+        "steps": step,
+        "loss": loss_value,
+        "finished": finished,
+        "model_config": model_cfg,
+        "stopped": stopper.reason,
+        # Stopped from outside (a signal, the time limit), not at train.stop_at_step: the job is to be resumed.
+        "requeue": not finished and stopper.from_outside,
+    }

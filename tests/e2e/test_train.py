@@ -140,7 +140,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(workdir):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 75, output[-3000:]  # stopped early with a checkpoint: a scheduler requeues on it
     last = metrics(run_dir)[-1]["step"]
     assert f"stopped after step {last} (SIGTERM)" in output
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
