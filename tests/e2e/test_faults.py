@@ -18,10 +18,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from cli import SMALL_RUN, cli_env, metrics, run_pretrain, start_cli
+from cli import REPO, SMALL_RUN, cli_env, losses, metrics, run_cli, run_pretrain, start_cli
 
 from pretrain.run_files import file_sha256
 from pretrain.train.weights import load_checkpoint_weights
@@ -222,3 +223,27 @@ def test_init_from_starts_at_the_trained_loss_and_refuses_another_shape(trained,
                        cwd=workdir, check=False)  # fmt: skip
     assert bad.returncode == 2
     assert "d_model=64" in last_line(bad) and "d_model=128" in last_line(bad), last_line(bad)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_one_rank_killed_during_a_zero2_save_resumes_exactly(trained, tmp_path):
+    """kill -9 of rank 1 while it writes its ZeRO-2 optimizer partition of step 4: the half-written checkpoint never
+    becomes latest, and the same command resumes from step 2 to the losses of an uninterrupted run."""
+    workdir, _ = trained
+    common = [*TRAIN[:-2], "train.max_steps=6", "train.ckpt_every=2", "train.zero_stage=2"]
+    reference = tmp_path / "reference"
+    run_pretrain([f"run_dir={reference}", *common], cwd=workdir, ranks=2)
+    run_dir = tmp_path / "killed"
+    workers = Path(__file__).resolve().parent / "workers"
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{workers}", "DIE_AT_STEP": "4", "DIE_ON_RANK": "1"}
+    killed = run_cli(["dies_while_saving", f"run_dir={run_dir}", *common], cwd=workdir, ranks=2, env=env)
+    assert killed.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (run_dir / "checkpoints" / "step_00000004" / "complete.json").exists()
+    resumed = run_pretrain([f"run_dir={run_dir}", *common], cwd=workdir, ranks=2)
+    assert "at step 2" in resumed.stdout
+    want, got = losses(reference), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in want:
+        assert abs(got[step] - want[step]) < 1e-5, (step, got[step], want[step])
