@@ -28,4 +28,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "pretrain.bench.prepare",
         "tokens/s of the prepare stage (tokenizer training, tokenizing, shards) on the stdlib corpus",
     ),
+    "generate": (
+        "pretrain.bench.generate",
+        "decoding tokens/s with the KV cache against re-running the full prefix and transformers' generate",
+    ),
 }
