@@ -4,12 +4,13 @@ training), then every ``eval.compare`` run. Every path is checked before any wor
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, ModelConfig
+from pretrain.config import Config, ModelConfig, select_multiple
 from pretrain.errors import PipelineError
 from pretrain.model.gpt import GPT
 from pretrain.run_files import RunFiles
@@ -57,6 +58,9 @@ def resolve_sources(cfg: Config) -> list[ModelSource]:
     sources: list[ModelSource] = []
     if ecfg.checkpoint is not None:
         sources.append(checkpoint_source(ecfg.checkpoint, "eval.checkpoint"))
+    elif (multiple := select_multiple(ecfg.select)) is not None:
+        best = best_checkpoint(run_dir, multiple)
+        sources.append(ModelSource(_name(best), best, run_dir, "eval.select"))
     else:
         found = _weights_dir(RunFiles(run_dir).checkpoints)
         if found is not None:
@@ -80,6 +84,34 @@ def resolve_sources(cfg: Config) -> list[ModelSource]:
         owner = found.parent if found.name == "checkpoints" else path
         sources.append(ModelSource(_name(owner), found, owner, "eval.compare"))
     return _unique_names(sources)
+
+
+def best_checkpoint(run_dir: Path, multiple: int) -> Path:
+    """The kept checkpoint of ``run_dir`` with the lowest validation perplexity at ``multiple`` x the training length
+    (``ppl@{multiple}x`` in ``train/val.jsonl``, logged at that checkpoint's step); PipelineError when there is none."""
+    files = RunFiles(run_dir)
+    key = f"ppl@{multiple}x"
+    scored = {}
+    if files.validation.is_file():
+        for line in files.validation.read_text().splitlines():
+            row = json.loads(line)
+            if key in row:
+                scored[row["step"]] = row[key]
+    candidates = [
+        (scored[int(tag.removeprefix("step_"))], tag)
+        for tag in complete_tags(files.checkpoints)
+        if int(tag.removeprefix("step_")) in scored
+    ]
+    if not candidates:
+        raise PipelineError(
+            f"eval.select=best_at:{multiple}: no kept checkpoint of {run_dir} has {key} in {files.validation} (train "
+            f"with train.eval_lengths holding {multiple}, and train.ckpt_every a multiple of train.eval_every; "
+            "train.keep_last checkpoints are kept)"
+        )
+    _, tag = min(candidates)
+    best = files.checkpoints / tag
+    checkpoint_model_config(best, f"eval.select=best_at:{multiple}")
+    return best
 
 
 def checkpoint_source(value: str, key: str) -> ModelSource:

@@ -33,6 +33,7 @@ from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.guard import DivergenceGuard
 from pretrain.train.monitor import Monitor
 from pretrain.train.optim import build_optimizer
+from pretrain.train.profile import StepProfiler
 from pretrain.train.resume import apply_overrides, check_resume, train_record
 from pretrain.train.weights import load_init_weights, save_weights
 
@@ -133,11 +134,18 @@ def check_training_split(cfg: Config, world_size: int) -> None:
     )
 
 
-def run_train(cfg: Config, ctx: DistContext, corpus, on_checked: Callable[[], None] | None = None) -> dict:
+def run_train(
+    cfg: Config,
+    ctx: DistContext,
+    corpus,
+    on_checked: Callable[[], None] | None = None,
+    extrapolation: Callable[[torch.nn.Module, object], dict] | None = None,
+) -> dict:
     """Train ``cfg.model`` on a prepared corpus; returns a summary (steps, final loss, where things are).
 
     ``on_checked`` runs on rank 0 once the resume is checked against this config and corpus, before anything is
-    written into the run directory (default: install the corpus's tokenizer there)."""
+    written into the run directory (default: install the corpus's tokenizer there). ``extrapolation(model,
+    model_cfg)`` scores longer windows at every validation (``train.eval_lengths``; from the eval package)."""
     import deepspeed
 
     run_dir = Path(cfg.run_dir)
@@ -248,8 +256,10 @@ def run_train(cfg: Config, ctx: DistContext, corpus, on_checked: Callable[[], No
             f"already trained: the checkpoint is at step {start_step} of train.max_steps={tcfg.max_steps}"
             f"{loss_note}; raise train.max_steps to train on"
         )
+    profiler = StepProfiler(tcfg.profile, RunFiles(run_dir).train_dir / "profile", ctx)
     try:
         while step < tcfg.max_steps:
+            profiler.before_step(step + 1)
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=ctx.device)  # on the device: no host sync per micro-batch
             norm = None
@@ -294,8 +304,12 @@ def run_train(cfg: Config, ctx: DistContext, corpus, on_checked: Callable[[], No
                 },
             )
             guard.raise_if_diverged()
+            if profiler.after_step(step):
+                monitor.write(f"profiled steps {tcfg.profile[0]}..{step}: {profiler.trace}")
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-                monitor.log_eval(step, validation_loss(engine, validation_batches(), ctx, layout))
+                val_loss = validation_loss(engine, validation_batches(), ctx, layout)
+                longer = extrapolation(engine.module, model_cfg) if extrapolation is not None else {}
+                monitor.log_eval(step, val_loss, longer)
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 client_state = {"step": step, "loader": loader.state_dict(), "loss": loss_value}
@@ -315,6 +329,7 @@ def run_train(cfg: Config, ctx: DistContext, corpus, on_checked: Callable[[], No
                 f"loss {loss_value:.4f}; weights in {weights}"
             )
     finally:
+        profiler.close()
         stopper.restore()
         monitor.close(
             {"final_loss": loss_value, "steps": step, "bad_steps": guard.bad_steps, "loss_spikes": guard.spikes}

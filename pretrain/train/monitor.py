@@ -73,15 +73,25 @@ class Monitor:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, val_loss: float, longer: dict | None = None) -> None:
+        """The validation loss, and ``longer`` (``ppl@2x``, ``context_gain@2x``, ...: windows longer than training)."""
         if not self.active:
             return
-        record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        longer = longer or {}
+        record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), **longer}
         with self.val_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({"val/loss": val_loss, "val/ppl": record["val_ppl"]}, step=step)
-        self.write(f"step {step}: validation loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})")
+            values = {"val/loss": val_loss, "val/ppl": record["val_ppl"]}
+            values.update({f"val/{key}": value for key, value in longer.items()})
+            self.wandb.log(values, step=step)
+        curve = ", ".join(
+            f"{key.removeprefix('ppl@')} {value:.2f}" for key, value in longer.items() if key.startswith("ppl@")
+        )
+        self.write(
+            f"step {step}: validation loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})"
+            + (f"; ppl by length: {curve}" if curve else "")
+        )
 
     def write(self, message: str) -> None:
         if self.active:
