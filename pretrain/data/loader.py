@@ -11,6 +11,10 @@ The position is the number of windows the whole job has consumed in the current 
 rank, so the state of rank 0 restores every rank. A loader restored from ``state_dict()`` yields exactly
 the batches an uninterrupted one would; restoring with another ``dp_size`` or ``micro_batch_size`` also
 works and neither repeats nor skips a window of the epoch.
+
+A mixture (``data=mix``) is read by ``MixtureLoader``: each window drawn from one source with its weight's
+probability, from ``(seed, window number)`` alone, so it resumes exactly too, on any number of ranks. ``train_loader``
+picks the loader for a prepared corpus, ``ValidationSplits`` its validation batches (one set per source of a mixture).
 """
 
 from __future__ import annotations
@@ -167,3 +171,211 @@ def val_batches(
         windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
         batch = torch.from_numpy(windows)
         yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+# ---------------------------------------------------------------- weighted mixtures (data=mix)
+
+# The source of each window is drawn in blocks of this many windows, each block from (seed, block) alone.
+MIX_BLOCK = 4096
+# Keeps the mixture's random streams apart from TokenWindowLoader's (seed, epoch) ones.
+MIX_STREAM = 0x6D6978
+
+
+class _SourceWindows:
+    """The endless window stream of one source: window ``j`` is in epoch ``j // n_windows``, whose windows start at a
+    per-epoch offset plus ``seq_len`` times a per-epoch permutation, both from ``(seed, source, epoch)``."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, index: int) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.key = [seed, MIX_STREAM, index]
+        self.n_windows = max(0, (len(tokens) - seq_len) // seq_len)
+        self._plans: dict[int, tuple[int, np.ndarray]] = {}
+
+    def plan(self, epoch: int) -> tuple[int, np.ndarray]:
+        if epoch not in self._plans:
+            if len(self._plans) > 2:  # a batch spans at most two epochs of a source that holds a window
+                self._plans.clear()
+            rng = np.random.default_rng([*self.key, epoch])
+            self._plans[epoch] = (int(rng.integers(self.seq_len)), rng.permutation(self.n_windows))
+        return self._plans[epoch]
+
+    def window(self, j: int) -> np.ndarray:
+        offset, order = self.plan(j // self.n_windows)
+        start = offset + int(order[j % self.n_windows]) * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+
+class MixtureLoader:
+    """Batches like TokenWindowLoader's, each window drawn from one source of a mixture with its weight's probability.
+
+    The job's windows are numbered 0, 1, 2, ... across global batches; window k comes from source ``s_k``, drawn from
+    ``(seed, k // MIX_BLOCK)`` alone, and is the next unread window of that source's own shuffled stream
+    (``_SourceWindows``). A global batch is the next ``micro_batch_size * dp_size`` windows and rank r of n takes every
+    n-th of them, so the stream depends on neither the number of ranks nor the batch shape: the state (windows drawn
+    in all, and from each source) restores it exactly, with another ``dp_size`` too.
+    """
+
+    def __init__(
+        self,
+        sources: list[tuple[str, str | Path, float]],
+        dtype: str,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ) -> None:
+        assert 0 <= dp_rank < dp_size, f"dp_rank={dp_rank} is outside dp_size={dp_size}"
+        self.labels = [label for label, _, _ in sources]
+        weights = np.asarray([weight for _, _, weight in sources], dtype=np.float64)
+        if len(sources) == 0 or (weights < 0).any() or weights.sum() <= 0:
+            raise PipelineError(f"a mixture needs sources with weights >= 0, not all 0 (got {weights.tolist()})")
+        self.weights = weights.tolist()
+        self.probabilities = weights / weights.sum()
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.windows_per_step = micro_batch_size * dp_size
+        self.streams = []
+        for index, (label, path, weight) in enumerate(sources):
+            stream = _SourceWindows(open_shard(path, dtype), seq_len, seed, index)
+            if weight > 0 and stream.n_windows == 0:
+                raise PipelineError(
+                    f"the train shard of source {label!r} ({path}) holds {len(stream.tokens):,} tokens: too few for "
+                    f"one window of {seq_len + 1} tokens (model.seq_len + 1); give it more documents or weight 0"
+                )
+            self.streams.append(stream)
+        digest = hashlib.blake2b(digest_size=8)
+        for label, stream, weight in zip(self.labels, self.streams, self.weights, strict=True):
+            digest.update(f"{label}:{weight!r}:{shard_checksum(stream.tokens)};".encode())
+        self.checksum = digest.hexdigest()
+        self.n_tokens = sum(len(stream.tokens) for stream in self.streams)
+        self.position = 0  # windows the whole job has drawn
+        self.drawn = np.zeros(len(sources), dtype=np.int64)  # of those, from each source
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def _block_sources(self, block: int) -> np.ndarray:
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng([self.seed, MIX_STREAM, len(self.streams), block])
+            self._block = (block, rng.choice(len(self.streams), size=MIX_BLOCK, p=self.probabilities))
+        return self._block[1]
+
+    def sources_of(self, first: int, count: int) -> np.ndarray:
+        """The source index of the job's windows ``first .. first + count - 1``."""
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            block, at = divmod(first + done, MIX_BLOCK)
+            take = min(count - done, MIX_BLOCK - at)
+            out[done : done + take] = self._block_sources(block)[at : at + take]
+            done += take
+        return out
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next ``(inputs, targets)``, int64 ``[micro_batch_size, seq_len]``."""
+        chosen = self.sources_of(self.position, self.windows_per_step)
+        within = np.empty_like(chosen)
+        for source in range(len(self.streams)):
+            mask = chosen == source
+            within[mask] = self.drawn[source] + np.arange(int(mask.sum()))
+        mine = slice(self.dp_rank, None, self.dp_size)
+        windows = [self.streams[s].window(int(j)) for s, j in zip(chosen[mine], within[mine], strict=True)]
+        self.drawn += np.bincount(chosen, minlength=len(self.streams))
+        self.position += self.windows_per_step
+        batch = torch.from_numpy(np.stack(windows).astype(np.int64))
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, identical on every rank, plus what a restore must match (the sources, weights, shards)."""
+        return {
+            "version": STATE_VERSION,
+            "kind": "mixture",
+            "sources": list(self.labels),
+            "weights": list(self.weights),
+            "seed": self.seed,
+            "position": self.position,
+            "drawn": self.drawn.tolist(),
+            "seq_len": self.seq_len,
+            "n_tokens": self.n_tokens,
+            "checksum": self.checksum,
+            "micro_batch_size": self.micro_batch_size,
+            "dp_size": self.dp_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; a state of another mixture, seed or seq_len raises a ValueError naming it."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("kind") != "mixture":
+            raise ValueError("cannot resume the data loader: the checkpoint was trained on one corpus, not a mixture")
+        mine = self.state_dict()
+        for key, what in (
+            ("sources", "other sources (data.sources)"),
+            ("weights", "other weights (data.sources)"),
+            ("n_tokens", "different train shards (another corpus or tokenizer)"),
+            ("checksum", "different train shards (another corpus or tokenizer)"),
+            ("seq_len", "another model.seq_len"),
+            ("seed", "another train.seed"),
+        ):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"cannot resume the data loader: the checkpoint was made with {what} "
+                    f"({key}={state[key]!r}, now {mine[key]!r})"
+                )
+        self.position = int(state["position"])
+        self.drawn = np.asarray(state["drawn"], dtype=np.int64)
+
+
+def train_loader(
+    corpus, seq_len: int, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1
+) -> TokenWindowLoader | MixtureLoader:
+    """The training loader of a prepared corpus: a MixtureLoader over a mixture's sources, else a TokenWindowLoader."""
+    if corpus.sources:
+        sources = [(source.label, source.train_path, source.weight) for source in corpus.sources]
+        return MixtureLoader(sources, corpus.dtype, seq_len, micro_batch_size, seed, dp_rank, dp_size)
+    return TokenWindowLoader(corpus.train_path, corpus.dtype, seq_len, micro_batch_size, seed, dp_rank, dp_size)
+
+
+class ValidationSplits:
+    """The validation batches of a corpus (``val_batches``): its one split, or one per source of a mixture.
+
+    Made when training starts, so that a split too small for one batch fails then, not mid-run. ``losses`` scores
+    them: the corpus's validation loss and, for a mixture, ``{"loss/<label>": ...}`` per source; the mixture's loss is
+    the mean of its sources' losses weighted as training draws them (a source of weight 0 is reported, not counted).
+    """
+
+    def __init__(
+        self,
+        corpus,
+        seq_len: int,
+        micro_batch_size: int,
+        max_batches: int | None = None,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ) -> None:
+        if corpus.sources:
+            self.splits = [(source.label, source.weight, source.val_path) for source in corpus.sources]
+        else:
+            self.splits = [(None, 1.0, corpus.val_path)]
+        self.arguments = (corpus.dtype, seq_len, micro_batch_size, max_batches, dp_rank, dp_size)
+        for _, _, path in self.splits:
+            next(self.batches(path))
+
+    def batches(self, path: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return val_batches(path, *self.arguments)
+
+    def losses(self, score) -> tuple[float, dict[str, float]]:
+        """``score(batches) -> mean loss`` applied to each split: (the validation loss, per-source losses)."""
+        if len(self.splits) == 1 and self.splits[0][0] is None:
+            return score(self.batches(self.splits[0][2])), {}
+        by_source = {label: score(self.batches(path)) for label, _, path in self.splits}
+        total = sum(weight for _, weight, _ in self.splits)
+        mixed = sum(weight * by_source[label] for label, weight, _ in self.splits) / total
+        return mixed, {f"loss/{label}": loss for label, loss in by_source.items()}

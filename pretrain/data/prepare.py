@@ -49,25 +49,45 @@ from pretrain.run_files import RunFiles, file_sha256, write_atomic
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_FILE = "spm.model"
+# data=mix: each source's shards in sources/<label>/.
+SOURCES_DIR = "sources"
 # Documents per batch while tokenizing and writing shards.
 BATCH_DOCS = 1000
 
 
 @dataclass(frozen=True)
+class SourceShards:
+    """One source of a prepared mixture (``data=mix``): its label, weight and shards."""
+
+    label: str
+    kind: str
+    weight: float
+    train_path: Path
+    val_path: Path
+    val_docs_path: Path
+
+
+@dataclass(frozen=True)
 class PreparedCorpus:
-    """A complete prepared-corpus directory; ``metadata`` is its ``meta.json``."""
+    """A complete prepared-corpus directory; ``metadata`` is its ``meta.json``.
+
+    A mixture (``data=mix``) has ``sources``, each with its own shards, and no train shard of its own
+    (``train_path`` is None); its ``val_path`` holds every source's validation documents, source after source."""
 
     directory: Path
     tokenizer_path: Path
-    train_path: Path
+    train_path: Path | None
     val_path: Path
     val_docs_path: Path
     dtype: str
     vocab_size: int
     metadata: dict[str, Any] = field(repr=False)
+    sources: tuple[SourceShards, ...] = ()
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's shard as a read-only memmap ``[n_tokens]`` (``split`` is ``train`` or ``val``)."""
+        if split == "train" and self.train_path is None:
+            raise PipelineError(f"the mixture {self.directory} has a train shard per source (corpus.sources)")
         return open_shard(self.train_path if split == "train" else self.val_path, self.dtype)
 
     def val_documents(self) -> Iterator[np.ndarray]:
@@ -86,19 +106,40 @@ class PreparedCorpus:
             return None
         if meta.get("format") != FORMAT_VERSION:
             return None
+        train_file = meta["splits"]["train"]["file"]
+        sources = tuple(
+            SourceShards(
+                label=source["label"],
+                kind=source["kind"],
+                weight=source["weight"],
+                train_path=directory / source["splits"]["train"]["file"],
+                val_path=directory / source["splits"]["val"]["file"],
+                val_docs_path=directory / source["splits"]["val"]["boundaries"],
+            )
+            for source in meta.get("sources", ())
+        )
         corpus = cls(
             directory=directory,
             tokenizer_path=directory / TOKENIZER_FILE,
-            train_path=directory / meta["splits"]["train"]["file"],
+            train_path=None if train_file is None else directory / train_file,
             val_path=directory / meta["splits"]["val"]["file"],
             val_docs_path=directory / meta["splits"]["val"]["boundaries"],
             dtype=meta["dtype"],
             vocab_size=meta["vocab_size"],
             metadata=meta,
+            sources=sources,
         )
         itemsize = np.dtype(corpus.dtype).itemsize
-        for path, split in ((corpus.train_path, "train"), (corpus.val_path, "val")):
-            if not path.is_file() or path.stat().st_size != meta["splits"][split]["tokens"] * itemsize:
+        shards = [(corpus.val_path, meta["splits"]["val"]["tokens"])]
+        if corpus.train_path is not None:
+            shards.append((corpus.train_path, meta["splits"]["train"]["tokens"]))
+        for shard, recorded in zip(sources, meta.get("sources", ()), strict=True):
+            splits = recorded["splits"]
+            shards += [(shard.train_path, splits["train"]["tokens"]), (shard.val_path, splits["val"]["tokens"])]
+            if not shard.val_docs_path.is_file():
+                return None
+        for path, tokens in shards:
+            if not path.is_file() or path.stat().st_size != tokens * itemsize:
                 return None
         if not corpus.tokenizer_path.is_file() or not corpus.val_docs_path.is_file():
             return None
@@ -122,13 +163,30 @@ def fingerprint_inputs(data: DataConfig) -> tuple[str, dict[str, Any]]:
             "sample_chars": data.tokenizer_sample_chars,
             "options": TRAINER_OPTIONS,
         }
-    description = {
-        "format": FORMAT_VERSION,
-        "inputs": describe_inputs(data),
-        "max_files": data.max_files,
-        "val_fraction": data.val_fraction,
-        "tokenizer": tokenizer,
-    }
+    if data.source == "mix":
+        # Every source's inputs, weight and label, in order (the order of the sources is the loader's too).
+        description = {
+            "format": FORMAT_VERSION,
+            "mixture": [
+                {
+                    "label": source.label,
+                    "weight": source.weight,
+                    "inputs": describe_inputs(source.as_data(data)),
+                    "max_files": source.max_files,
+                }
+                for source in data.sources
+            ],
+            "val_fraction": data.val_fraction,
+            "tokenizer": tokenizer,
+        }
+    else:
+        description = {
+            "format": FORMAT_VERSION,
+            "inputs": describe_inputs(data),
+            "max_files": data.max_files,
+            "val_fraction": data.val_fraction,
+            "tokenizer": tokenizer,
+        }
     blob = json.dumps(description, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), description
 
@@ -223,7 +281,15 @@ def prepare_corpus(data: DataConfig, verbose: bool = True) -> PreparedCorpus:
     try:
         started = time.perf_counter()
         meta = _build(data, fingerprint, build)
-        meta["inputs"] = _summarize_inputs(description["inputs"])
+        if "mixture" in description:
+            meta["inputs"] = {
+                "sources": [
+                    {"label": part["label"], "weight": part["weight"], **_summarize_inputs(part["inputs"])}
+                    for part in description["mixture"]
+                ]
+            }
+        else:
+            meta["inputs"] = _summarize_inputs(description["inputs"])
         meta["seconds"]["total"] = round(time.perf_counter() - started, 3)
         (build / "inputs.json").write_text(json.dumps(description, indent=1, sort_keys=True, default=str))
         # meta.json last: a directory without it is never taken for a complete corpus.
@@ -253,16 +319,16 @@ def _build(data: DataConfig, fingerprint: str, build: Path) -> dict[str, Any]:
     work = build / "work"
     work.mkdir()
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    dataset = load_documents(data, work)
-    timings["load"] = time.perf_counter() - t0
-    from datasets import IterableDataset
-
-    build_split = _build_stream if isinstance(dataset, IterableDataset) else _build_dataset
-    stats = build_split(data, dataset, fingerprint, build, timings)
+    if data.source == "mix":
+        stats = _build_mixture(data, fingerprint, build, timings)
+    else:
+        t0 = time.perf_counter()
+        dataset = load_documents(data, work)
+        timings["load"] = time.perf_counter() - t0
+        stats = _build_single(data, dataset, fingerprint, build, timings)
     sp = load_tokenizer(build / TOKENIZER_FILE)
     vocab_size = sp.get_piece_size()
-    return {
+    meta = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "source": data.source,
@@ -290,136 +356,253 @@ def _build(data: DataConfig, fingerprint: str, build: Path) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
     }
+    if data.source == "mix":
+        # No train.bin of its own: each source's train shard is read by the mixture's loader.
+        meta["splits"]["train"]["file"] = None
+        meta["sources"] = stats["sources"]
+    return meta
 
 
-def _build_dataset(data: DataConfig, dataset, fingerprint: str, build: Path, timings: dict) -> dict[str, Any]:
-    """A map-style dataset: hash split, tokenizer on a sample of train, tokenize with num_proc, write shards."""
-    work = build / "work"
-    where = _where(data)
-    num_proc = min(data.num_proc, len(dataset)) if data.num_proc > 1 else None
-    if len(dataset) == 0:
-        raise PipelineError(f"the corpus ({where}) is empty: it has no documents")
+def _build_single(data: DataConfig, dataset, fingerprint: str, build: Path, timings: dict) -> dict[str, Any]:
+    """One corpus: split, tokenizer (trained on its sample, or given), shards in ``build``."""
+    part = _part(data, dataset, build / "work", fingerprint[:16], _where(data), timings)
+    sample_chars = _make_tokenizer(data, build, [(part, data.tokenizer_sample_chars)], timings)
     t0 = time.perf_counter()
-    hashes = dataset.map(
-        hash_batch,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=dataset.column_names,
-        cache_file_name=str(work / "hash.arrow"),
-        new_fingerprint=f"{fingerprint[:16]}-hash",
-        desc="hashing documents",
-    )
-    u = np.asarray(hashes["u"], dtype=np.float64)
-    n_chars = np.asarray(hashes["n_chars"], dtype=np.int64)
-    is_val = split_flags(u, n_chars, data.val_fraction, where)
-    timings["split"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    sample_chars = None
-    if data.tokenizer:
-        _copy_given_tokenizer(data.tokenizer, build)
-    else:
-        # The train documents in the order of their hash (a fixed shuffle), until the sample is full.
-        train_ids = np.flatnonzero(~is_val & (n_chars > 0))
-        order = train_ids[np.argsort(u[train_ids], kind="stable")]
-        taken = int(np.searchsorted(np.cumsum(n_chars[order]), data.tokenizer_sample_chars)) + 1
-        chosen = np.sort(order[:taken])
-        texts = dataset.select(chosen)["text"]
-        sample = _cap_chars(texts, data.tokenizer_sample_chars)
-        sample_chars = sum(map(len, sample))
-        _train(data, sample, build)
-    timings["tokenizer"] = time.perf_counter() - t0
-
-    from datasets import Features, Sequence, Value
-
-    t0 = time.perf_counter()
-    tokenized = dataset.map(
-        _TokenizeSplitBatch(build / TOKENIZER_FILE, is_val),
-        batched=True,
-        batch_size=BATCH_DOCS,
-        with_indices=True,
-        input_columns=["text"],
-        num_proc=num_proc,
-        remove_columns=dataset.column_names,
-        features=Features({"ids": Sequence(Value("int32")), "is_val": Value("bool")}),
-        cache_file_name=str(work / "tokens.arrow"),
-        new_fingerprint=f"{fingerprint[:16]}-tokens",
-        desc="tokenizing",
-    )
-    writers = _open_writers(build)
-    for table in _progress(tokenized.with_format("arrow").iter(batch_size=10 * BATCH_DOCS), len(tokenized)):
-        flags = table.column("is_val").to_numpy(zero_copy_only=False)
-        for split, writer in writers.items():
-            part = table.filter(flags if split == "val" else ~flags)
-            if part.num_rows:
-                writer.write(*_flatten(part.column("ids")))
+    writers = _open_writers(build, build)
+    dropped = part.write(build / TOKENIZER_FILE, writers)
     timings["tokenize"] = time.perf_counter() - t0
     _close_writers(writers, build)
-    return {**writers, "dropped": int((n_chars == 0).sum()), "sample_chars": sample_chars}
+    part.check_written(writers)
+    return {**writers, "dropped": dropped, "sample_chars": sample_chars}
 
 
-def _build_stream(data: DataConfig, stream, fingerprint: str, build: Path, timings: dict) -> dict[str, Any]:
-    """A stream, read once: the first documents up to the sample train the tokenizer, then everything is tokenized."""
-    where = _where(data)
-    docs = iter(stream)
-    buffered: list[tuple[str, bool]] = []
+def _build_mixture(data: DataConfig, fingerprint: str, build: Path, timings: dict) -> dict[str, Any]:
+    """``data=mix``: every source split on its own, one tokenizer trained on a sample that gives each source its
+    weight's share of ``data.tokenizer_sample_chars``, then each source packed into ``sources/<label>/``; the
+    validation shards are also concatenated (source after source) into ``val.bin`` for the eval stage."""
+    total_weight = sum(source.weight for source in data.sources)
+    parts = []
+    for source in data.sources:
+        sdata = source.as_data(data)
+        t0 = time.perf_counter()
+        dataset = load_documents(sdata, build / "work" / source.label)
+        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
+        where = f"source {source.label!r} ({_where(sdata)})"
+        tag = f"{fingerprint[:16]}-{source.label}"
+        part = _part(sdata, dataset, build / "work" / source.label, tag, where, timings)
+        share = int(data.tokenizer_sample_chars * source.weight / total_weight)
+        parts.append((source, part, share))
+    sample_chars = _make_tokenizer(data, build, [(part, share) for _, part, share in parts], timings)
+    t0 = time.perf_counter()
+    described, val_parts, dropped = [], [], 0
+    totals = {"train": _Count(), "val": _Count()}
+    for source, part, share in parts:
+        directory = build / SOURCES_DIR / source.label
+        directory.mkdir(parents=True)
+        writers = _open_writers(build, directory)
+        source_dropped = part.write(build / TOKENIZER_FILE, writers)
+        _close_writers(writers, directory)
+        part.check_written(writers)
+        dropped += source_dropped
+        for split, writer in writers.items():
+            totals[split].documents += writer.documents
+            totals[split].tokens += writer.tokens
+        val_parts.append(directory)
+        rel = directory.relative_to(build).as_posix()
+        described.append(
+            {
+                "label": source.label,
+                "kind": source.kind,
+                "weight": source.weight,
+                "share": source.weight / total_weight,
+                "splits": {
+                    "train": {
+                        "file": f"{rel}/train.bin",
+                        "documents": writers["train"].documents,
+                        "tokens": writers["train"].tokens,
+                    },
+                    "val": {
+                        "file": f"{rel}/val.bin",
+                        "boundaries": f"{rel}/val_docs.npy",
+                        "documents": writers["val"].documents,
+                        "tokens": writers["val"].tokens,
+                    },
+                },
+                "documents_dropped_empty": source_dropped,
+                "tokenizer_sample_chars": share if data.tokenizer is None else None,
+            }
+        )
+    _concatenate_val(val_parts, build)
+    timings["tokenize"] = time.perf_counter() - t0
+    return {**totals, "dropped": dropped, "sample_chars": sample_chars, "sources": described}
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.documents = 0
+        self.tokens = 0
+
+
+def _concatenate_val(directories: list[Path], build: Path) -> None:
+    """``val.bin`` and ``val_docs.npy`` of the whole mixture: the sources' validation shards back to back."""
+    offsets = [np.zeros(1, dtype=np.int64)]
+    with open(build / "val.bin", "wb") as out:
+        for directory in directories:
+            out.write((directory / "val.bin").read_bytes())
+            own = np.load(directory / "val_docs.npy")
+            offsets.append(own[1:] + offsets[-1][-1])
+    np.save(build / "val_docs.npy", np.concatenate(offsets))
+
+
+def _make_tokenizer(data: DataConfig, build: Path, shares: list, timings: dict) -> int | None:
+    """Copy the given ``data.tokenizer``, or train one on each part's sample of at most its share of characters;
+    return the sample's size (None for a given tokenizer)."""
     t0 = time.perf_counter()
     sample_chars = None
     if data.tokenizer:
         _copy_given_tokenizer(data.tokenizer, build)
     else:
+        sample = [text for part, share in shares for text in part.sample(share)]
+        if not sample:
+            raise PipelineError(f"the corpus ({_where(data)}) is empty: it gave no training text for the tokenizer")
+        sample_chars = sum(map(len, sample))
+        _train(data, sample, build)
+    timings["tokenizer"] = timings.get("tokenizer", 0.0) + time.perf_counter() - t0
+    return sample_chars
+
+
+def _part(data: DataConfig, dataset, work: Path, tag: str, where: str, timings: dict):
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        return _StreamPart(data, dataset, where)
+    return _MapPart(data, dataset, work, tag, where, timings)
+
+
+class _MapPart:
+    """A map-style dataset: hash split (at once), a sample of train in hash order, tokenized with num_proc."""
+
+    def __init__(self, data: DataConfig, dataset, work: Path, tag: str, where: str, timings: dict) -> None:
+        self.data, self.dataset, self.work, self.tag, self.where = data, dataset, work, tag, where
+        self.num_proc = min(data.num_proc, len(dataset)) if data.num_proc > 1 else None
+        if len(dataset) == 0:
+            raise PipelineError(f"the corpus ({where}) is empty: it has no documents")
+        t0 = time.perf_counter()
+        hashes = dataset.map(
+            hash_batch,
+            batched=True,
+            num_proc=self.num_proc,
+            remove_columns=dataset.column_names,
+            cache_file_name=str(work / "hash.arrow"),
+            new_fingerprint=f"{tag}-hash",
+            desc="hashing documents",
+        )
+        self.u = np.asarray(hashes["u"], dtype=np.float64)
+        self.n_chars = np.asarray(hashes["n_chars"], dtype=np.int64)
+        self.is_val = split_flags(self.u, self.n_chars, data.val_fraction, where)
+        timings["split"] = timings.get("split", 0.0) + time.perf_counter() - t0
+
+    def sample(self, max_chars: int) -> list[str]:
+        """The train documents in the order of their hash (a fixed shuffle), until ``max_chars`` are taken."""
+        if max_chars <= 0:
+            return []
+        u, n_chars = self.u, self.n_chars
+        train_ids = np.flatnonzero(~self.is_val & (n_chars > 0))
+        order = train_ids[np.argsort(u[train_ids], kind="stable")]
+        taken = int(np.searchsorted(np.cumsum(n_chars[order]), max_chars)) + 1
+        chosen = np.sort(order[:taken])
+        texts = self.dataset.select(chosen)["text"]
+        return _cap_chars(texts, max_chars)
+
+    def write(self, tokenizer_path: Path, writers: dict[str, ShardWriter]) -> int:
+        """Tokenize every document into the writers; return the number of empty documents dropped."""
+        from datasets import Features, Sequence, Value
+
+        dataset = self.dataset
+        tokenized = dataset.map(
+            _TokenizeSplitBatch(tokenizer_path, self.is_val),
+            batched=True,
+            batch_size=BATCH_DOCS,
+            with_indices=True,
+            input_columns=["text"],
+            num_proc=self.num_proc,
+            remove_columns=dataset.column_names,
+            features=Features({"ids": Sequence(Value("int32")), "is_val": Value("bool")}),
+            cache_file_name=str(self.work / "tokens.arrow"),
+            new_fingerprint=f"{self.tag}-tokens",
+            desc="tokenizing",
+        )
+        for table in _progress(tokenized.with_format("arrow").iter(batch_size=10 * BATCH_DOCS), len(tokenized)):
+            flags = table.column("is_val").to_numpy(zero_copy_only=False)
+            for split, writer in writers.items():
+                part = table.filter(flags if split == "val" else ~flags)
+                if part.num_rows:
+                    writer.write(*_flatten(part.column("ids")))
+        return int((self.n_chars == 0).sum())
+
+    def check_written(self, writers: dict[str, ShardWriter]) -> None:
+        """Nothing to check: ``split_flags`` guarantees a document on each side."""
+
+
+class _StreamPart:
+    """A stream, read once: its first documents (up to the sample) train the tokenizer, then all are tokenized."""
+
+    def __init__(self, data: DataConfig, stream, where: str) -> None:
+        self.data, self.where = data, where
+        self.docs = iter(stream)
+        self.buffered: list[tuple[str, bool]] = []
+
+    def sample(self, max_chars: int) -> list[str]:
+        if max_chars <= 0:
+            return []
         sample_chars = 0
-        for doc in docs:
+        for doc in self.docs:
             text = doc["text"] or ""
-            is_val = split_hash(text) < data.val_fraction
-            buffered.append((text, is_val))
+            is_val = split_hash(text) < self.data.val_fraction
+            self.buffered.append((text, is_val))
             if not is_val:
                 sample_chars += len(text)
-                if sample_chars >= data.tokenizer_sample_chars:
+                if sample_chars >= max_chars:
                     break
-        sample = _cap_chars([t for t, v in buffered if not v and t], data.tokenizer_sample_chars)
+        sample = _cap_chars([t for t, v in self.buffered if not v and t], max_chars)
         if not sample:
-            raise PipelineError(f"the corpus ({where}) is empty: the stream gave no training text")
-        sample_chars = sum(map(len, sample))
-        _train(data, sample, build)
-    timings["tokenizer"] = time.perf_counter() - t0
+            raise PipelineError(f"the corpus ({self.where}) is empty: the stream gave no training text")
+        return sample
 
-    t0 = time.perf_counter()
-    tokenizer = DocumentTokenizer(build / TOKENIZER_FILE, num_threads=data.num_proc)
-    writers = _open_writers(build)
-    dropped = 0
-
-    def rest() -> Iterator[tuple[str, bool]]:
-        yield from buffered
-        for doc in docs:
+    def _rest(self) -> Iterator[tuple[str, bool]]:
+        yield from self.buffered
+        for doc in self.docs:
             text = doc["text"] or ""
-            yield text, split_hash(text) < data.val_fraction
+            yield text, split_hash(text) < self.data.val_fraction
 
-    batch: list[tuple[str, bool]] = []
-    bar = _progress(None, data.max_documents, unit="doc")
-    for text, is_val in rest():
-        if not text:
-            dropped += 1
-            continue
-        batch.append((text, is_val))
-        if len(batch) == BATCH_DOCS:
+    def write(self, tokenizer_path: Path, writers: dict[str, ShardWriter]) -> int:
+        tokenizer = DocumentTokenizer(tokenizer_path, num_threads=self.data.num_proc)
+        dropped = 0
+        batch: list[tuple[str, bool]] = []
+        bar = _progress(None, self.data.max_documents, unit="doc")
+        for text, is_val in self._rest():
+            if not text:
+                dropped += 1
+                continue
+            batch.append((text, is_val))
+            if len(batch) == BATCH_DOCS:
+                _write_stream_batch(tokenizer, batch, writers)
+                bar.update(len(batch))
+                batch = []
+        if batch:
             _write_stream_batch(tokenizer, batch, writers)
             bar.update(len(batch))
-            batch = []
-    if batch:
-        _write_stream_batch(tokenizer, batch, writers)
-        bar.update(len(batch))
-    bar.close()
-    timings["tokenize"] = time.perf_counter() - t0
-    _close_writers(writers, build)
-    if writers["train"].documents == 0:
-        raise PipelineError(f"the corpus ({where}) is empty: no document with text went to the train split")
-    if writers["val"].documents == 0:
-        raise PipelineError(
-            f"no document of the stream ({where}) fell into the validation split (data.val_fraction="
-            f"{data.val_fraction}); raise data.val_fraction or data.max_documents"
-        )
-    return {**writers, "dropped": dropped, "sample_chars": sample_chars}
+        bar.close()
+        return dropped
+
+    def check_written(self, writers: dict[str, ShardWriter]) -> None:
+        if writers["train"].documents == 0:
+            raise PipelineError(f"the corpus ({self.where}) is empty: no document with text went to the train split")
+        if writers["val"].documents == 0:
+            raise PipelineError(
+                f"no document of the stream ({self.where}) fell into the validation split (data.val_fraction="
+                f"{self.data.val_fraction}); raise data.val_fraction or data.max_documents"
+            )
 
 
 class _TokenizeSplitBatch:
@@ -455,19 +638,20 @@ def _flatten(column) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def _open_writers(build: Path) -> dict[str, ShardWriter]:
+def _open_writers(build: Path, directory: Path) -> dict[str, ShardWriter]:
+    """Writers of ``train.bin`` and ``val.bin`` in ``directory``, in the dtype of the tokenizer in ``build``."""
     vocab_size = load_tokenizer(build / TOKENIZER_FILE).get_piece_size()
     dtype = token_dtype(vocab_size)
     return {
-        "train": ShardWriter(build / "train.bin", dtype, vocab_size),
-        "val": ShardWriter(build / "val.bin", dtype, vocab_size, keep_boundaries=True),
+        "train": ShardWriter(directory / "train.bin", dtype, vocab_size),
+        "val": ShardWriter(directory / "val.bin", dtype, vocab_size, keep_boundaries=True),
     }
 
 
-def _close_writers(writers: dict[str, ShardWriter], build: Path) -> None:
+def _close_writers(writers: dict[str, ShardWriter], directory: Path) -> None:
     for writer in writers.values():
         writer.close()
-    writers["val"].save_boundaries(build / "val_docs.npy")
+    writers["val"].save_boundaries(directory / "val_docs.npy")
 
 
 def _train(data: DataConfig, sample: list[str], build: Path) -> None:
@@ -521,8 +705,8 @@ def _host() -> str:
 
 
 def _where(data: DataConfig) -> str:
-    if data.source == "stdlib":
-        return "data=stdlib"
+    if data.source in ("stdlib", "mix"):
+        return f"data={data.source}"
     if data.source == "files":
         return f"data.paths={list(data.paths)}"
     return f"data.name={data.name!r}"
@@ -556,13 +740,20 @@ def _say_summary(corpus: PreparedCorpus) -> None:
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     tokens = _tokens_total(meta)
     seconds = meta["seconds"]["total"]
-    disk = sum(p.stat().st_size for p in corpus.directory.iterdir() if p.is_file())
+    disk = sum(p.stat().st_size for p in corpus.directory.rglob("*") if p.is_file())
     _say(
         f"prepared {meta['source']}: {_docs_total(meta):,} documents ({train['documents']:,} train / "
         f"{val['documents']:,} val), {tokens / 1e6:.2f}M tokens ({train['tokens'] / 1e6:.2f}M / "
         f"{val['tokens'] / 1e6:.2f}M), vocab {meta['vocab_size']} ({meta['dtype']}), {seconds:.1f} s "
         f"({tokens / max(seconds, 1e-9) / 1e3:,.0f}k tokens/s), {disk / 1e6:.1f} MB on disk -> {corpus.directory}"
     )
+    for source in meta.get("sources", ()):
+        train, val = source["splits"]["train"], source["splits"]["val"]
+        _say(
+            f"  source {source['label']!r} ({source['kind']}, weight {source['weight']:g} = "
+            f"{source['share']:.1%} of training windows): {train['documents']:,} train / {val['documents']:,} val "
+            f"documents, {train['tokens'] / 1e6:.2f}M / {val['tokens'] / 1e6:.2f}M tokens"
+        )
     dropped = meta.get("documents_dropped_empty", 0)
     if dropped:
         _say(

@@ -150,7 +150,7 @@ def test_hf_path_with_a_local_loader(tmp_path, monkeypatch, streaming):
         max_documents=30,
         val_fraction=0.2,
     )
-    unused = prepare._build_dataset if streaming else prepare._build_stream
+    unused = prepare._MapPart if streaming else prepare._StreamPart
 
     def wrong_path(*args, **kwargs):
         raise AssertionError(f"streaming={streaming} took the other path")
