@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from pretrain.config import EvalConfig, ModelConfig
 from pretrain.eval.split import EvalSplit
-from pretrain.eval.windows import Window, WindowError, default_stride, make_windows, shared_region
+from pretrain.eval.windows import (
+    Window,
+    WindowError,
+    boundary_crossings,
+    default_stride,
+    make_windows,
+    qualifying_documents,
+    shared_region,
+)
 from pretrain.model.gpt import GPT
 from pretrain.model.positions import max_length
 from pretrain.ops.loss import perplexity
@@ -168,14 +176,31 @@ def score_length(
 
 
 def evaluate_model(
-    model: GPT, model_cfg: ModelConfig, tokens: np.ndarray, ecfg: EvalConfig, lengths, ctx, say, split: EvalSplit
+    model: GPT,
+    model_cfg: ModelConfig,
+    tokens: np.ndarray,
+    ecfg: EvalConfig,
+    lengths,
+    ctx,
+    say,
+    split: EvalSplit,
+    documents: np.ndarray | None = None,
 ):
-    """Score one model at every length: ``(results, skipped, loss_by_position)`` as results.json holds them."""
+    """Score one model at every length: ``(results, skipped, loss_by_position)`` as results.json holds them.
+
+    ``documents``: the validation documents' offsets in ``tokens`` (``windows.document_offsets``). Needed for
+    ``eval.windows=documents`` (windows inside one document; each length reports the documents and tokens long
+    enough for it, and a length no document fits is skipped); with ``stream`` windows it adds the share of
+    windows (and of scored predictions) that cross a document boundary.
+    """
     results, skipped, by_position = [], [], []
+    inside = getattr(ecfg, "windows", "stream") == "documents"
+    if inside and documents is None:
+        raise ValueError("eval.windows=documents needs the validation documents' offsets: pass documents=...")
     limit = max_length(model_cfg)
     _warm_up(model, split, limit)
-    # Under eval.max_tokens, regions of the longest length: every length scores the same tokens.
-    region = shared_region(lengths, len(tokens))
+    # Under eval.max_tokens, regions of the longest length: every length scores the same tokens (stream windows).
+    region = None if inside else shared_region(lengths, len(tokens))
     for length in lengths:
         if limit is not None and length > limit:
             reason = (
@@ -186,12 +211,21 @@ def evaluate_model(
             say(f"  length {length:>6}: skipped: {reason}")
             continue
         stride = (ecfg.stride or default_stride(length)) if ecfg.mode == "sliding" else None
+        qualified = qualifying_documents(documents, length) if inside else None
         try:
-            windows = make_windows(ecfg.mode, len(tokens), length, stride, ecfg.max_tokens, region)
+            windows = make_windows(
+                ecfg.mode, len(tokens), length, stride, ecfg.max_tokens, region, documents if inside else None
+            )
         except WindowError as err:
-            reason = f"the validation split is too short: {err}"
-            skipped.append({"length": length, "reason": reason})
-            say(f"  warning: length {length} skipped: {reason} (raise data.val_fraction or lower eval.lengths)")
+            if inside:
+                reason = f"no validation document is long enough: {err}"
+                hint = "eval.windows=stream scores it across documents, or lower eval.lengths"
+                skipped.append({"length": length, "reason": reason, "qualified_documents": 0, "qualified_tokens": 0})
+            else:
+                reason = f"the validation split is too short: {err}"
+                hint = "raise data.val_fraction or lower eval.lengths"
+                skipped.append({"length": length, "reason": reason})
+            say(f"  warning: length {length} skipped: {reason} ({hint})")
             continue
         batch_size = split.batch_size(ecfg.batch_tokens, length)
         mine = split.windows(windows)
@@ -209,6 +243,7 @@ def evaluate_model(
         }
         if stride is not None:
             entry["stride"] = stride
+        entry.update(_document_fields(windows, documents, qualified))
         entry["peak_mib"] = _peak_mib(meter, ctx)
         curve = {"length": length, "bins": binned_positions(full)}
         if windowed is not None:
@@ -224,11 +259,37 @@ def evaluate_model(
         results.append(entry)
         by_position.append(curve)
         note = f", windowed {entry['windowed_loss']:.4f}" if ecfg.window_control else ""
+        if inside:
+            where = (
+                f" inside {entry['scored_documents']} of the {entry['qualified_documents']} documents "
+                f"({entry['qualified_tokens']:,} tokens) that hold {length + 1} tokens"
+            )
+        elif "crossing_share" in entry:
+            where = f" ({entry['crossing_share']:.0%} of them across a document boundary)"
+        else:
+            where = ""
         say(
             f"  length {length:>6}: loss {full.loss:.4f} (ppl {perplexity(full.loss):.2f}{note}), "
-            f"{full.tokens:,} tokens in {len(windows)} windows, {seconds:.1f} s"
+            f"{full.tokens:,} tokens in {len(windows)} windows{where}, {seconds:.1f} s"
         )
     return results, skipped, by_position
+
+
+def _document_fields(windows: list[Window], documents: np.ndarray | None, qualified: tuple[int, int] | None) -> dict:
+    """What results.json says of the documents behind one length's windows: inside documents, how many documents
+    (and their tokens) are long enough and how many the scored windows came from; over the stream, the share of
+    windows, and of scored predictions, whose context crosses a document boundary. Nothing without offsets."""
+    if documents is None:
+        return {}
+    if qualified is not None:
+        starts = np.fromiter((w.start for w in windows), dtype=np.int64, count=len(windows))
+        scored = np.unique(np.searchsorted(documents, starts, side="right"))
+        return {"qualified_documents": qualified[0], "qualified_tokens": qualified[1], "scored_documents": len(scored)}
+    crossing_windows, crossing_tokens = boundary_crossings(windows, documents)
+    return {
+        "crossing_share": crossing_windows / len(windows),
+        "crossing_token_share": crossing_tokens / sum(w.n_scored for w in windows),
+    }
 
 
 def _warm_up(model: GPT, split: EvalSplit, limit: int | None) -> None:

@@ -2,7 +2,10 @@
 
 - ``ppl_vs_length.png``: perplexity against evaluation length, one solid line per model; with the windowed
   control, a dashed line of the same colour for attention limited to the training length (relative
-  encodings only: alibi, rope, none).
+  encodings only: alibi, rope, none). Each length is labelled with where its windows came from
+  (``eval.windows``): the share crossing a document boundary (stream), or the documents long enough for it
+  (documents); a skipped length is an ``x`` on the axis with the word "skipped" (the reason is in
+  results.json and the table).
 - ``loss_vs_position.png``: loss by position inside the window at the longest length, one line per model
   (dashed: the windowed control).
 - ``passkey.png``: passkey accuracy per (length, depth), greedy and by likelihood, one row per model.
@@ -34,10 +37,16 @@ def _log2_length_axis(ax, lengths) -> None:
     ax.minorticks_off()
 
 
+def window_source(report: dict) -> str:
+    """Where the windows came from (``eval.windows``), in words: reports without the key are stream ones."""
+    return "inside documents" if report.get("windows") == "documents" else "over the stream"
+
+
 def plot_ppl_vs_length(report: dict, path: Path) -> Path:
-    """Perplexity against length per model (solid), windowed control (dashed), training lengths (dotted)."""
+    """Perplexity against length per model (solid), windowed control (dashed), training lengths (dotted); each
+    point of the first model labelled with its documents or crossing share, skipped lengths marked."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    lengths = sorted({r["length"] for m in report["models"] for r in m["results"]})
+    lengths = sorted({r["length"] for m in report["models"] for r in m["results"] + m["skipped"]})
     for i, model in enumerate(report["models"]):
         if not model["results"]:
             continue
@@ -58,6 +67,8 @@ def plot_ppl_vs_length(report: dict, path: Path) -> Path:
     if lengths:
         _log2_length_axis(ax, lengths)
     ax.set_yscale("log")
+    _label_points(ax, report)
+    _mark_skipped(ax, report)
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     ax.yaxis.set_major_formatter(plain)
     low, high = ax.get_ylim()
@@ -68,10 +79,37 @@ def plot_ppl_vs_length(report: dict, path: Path) -> Path:
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     ax.set_xlabel("evaluation length (tokens); dotted: training length")
     ax.set_ylabel("validation perplexity")
-    ax.set_title(f"Perplexity vs length ({report['mode']} windows)")
+    ax.set_title(f"Perplexity vs length ({report['mode']} windows {window_source(report)})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _label_points(ax, report: dict) -> None:
+    """Under each point of the first model with results: the documents long enough for the length (documents
+    windows) or the share of its windows crossing a document boundary (stream windows)."""
+    model = next((m for m in report["models"] if m["results"]), None)
+    for r in model["results"] if model else ():
+        if "qualified_documents" in r:
+            text = f"{r['qualified_documents']:,} docs"
+        elif "crossing_share" in r:
+            text = f"{r['crossing_share']:.0%} cross"
+        else:
+            continue
+        point = (r["length"], r["ppl"])
+        ax.annotate(text, point, xytext=(0, -11), textcoords="offset points", ha="center", fontsize=6, color="dimgrey")
+
+
+def _mark_skipped(ax, report: dict) -> None:
+    """An ``x`` at the foot of the axis, in the model's colour, at each length a model skipped."""
+    foot = ax.get_xaxis_transform()  # x in data, y in axes fractions
+    marked = False
+    for i, model in enumerate(report["models"]):
+        for s in model["skipped"]:
+            label = None if marked else "skipped length (reason in results.json)"
+            ax.plot([s["length"]], [0.04 + 0.05 * i], "x", color=f"C{i}", transform=foot, clip_on=False, label=label)
+            ax.text(s["length"], 0.07 + 0.05 * i, "skipped", transform=foot, ha="center", fontsize=6, color=f"C{i}")
+            marked = True
 
 
 def plot_loss_vs_position(report: dict, path: Path) -> Path:
@@ -101,7 +139,9 @@ def plot_loss_vs_position(report: dict, path: Path) -> Path:
     ax.set_xlabel("position in the window (= tokens of context - 1); dotted: training length")
     ax.set_ylabel("loss (nats per token)")
     dashed = "\ndashed: attention limited to the training length" if report["settings"].get("window_control") else ""
-    ax.set_title(f"Loss by position in the window ({report['mode']} windows){dashed}", fontsize=10)
+    ax.set_title(
+        f"Loss by position in the window ({report['mode']} windows {window_source(report)}){dashed}", fontsize=10
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pretrain.config import Config
-from pretrain.eval.plots import plot_loss_vs_position, plot_passkey, plot_ppl_vs_length
+from pretrain.eval.plots import plot_loss_vs_position, plot_passkey, plot_ppl_vs_length, window_source
 from pretrain.run_files import RunFiles, write_atomic
 from pretrain.tracking import start_wandb
 
@@ -33,12 +33,18 @@ def write_outputs(cfg: Config, report: dict, say) -> None:
 def format_table(report: dict) -> str:
     """The console table: one block per model, one row per length."""
     lines = []
+    inside = report.get("windows") == "documents"
     for model in report["models"]:
         control = any("windowed_loss" in r for r in model["results"])
-        lines.append(f"\n{_label(model)}, {report['mode']} windows")
+        crossing = not inside and any("crossing_share" in r for r in model["results"])
+        lines.append(f"\n{_label(model)}, {report['mode']} windows {window_source(report)}")
         header = f"{'length':>7} {'x train':>7} {'loss':>7} {'ppl':>9} {'tokens':>9}"
         if control:
             header += f" {'windowed':>9} {'full-windowed':>14}"
+        if inside:
+            header += f" {'documents':>9} {'doc tokens':>10}"
+        if crossing:
+            header += f" {'crossing':>8}"
         lines += [header, "-" * len(header)]
         for r in model["results"]:
             row = (
@@ -47,9 +53,20 @@ def format_table(report: dict) -> str:
             )
             if control:
                 row += f" {r['windowed_loss']:>9.4f} {r['loss_minus_windowed']:>+14.4f}"
+            if inside:
+                row += f" {r['qualified_documents']:>9,} {r['qualified_tokens']:>10,}"
+            if crossing:
+                row += f" {r['crossing_share']:>8.0%}"
             lines.append(row)
         for s in model["skipped"]:
             lines.append(f"{s['length']:>7}  skipped: {s['reason']}")
+        if inside:
+            lines.append(
+                "documents, doc tokens: the validation documents long enough for the length (L + 1 tokens with "
+                "their </s>) and the tokens they hold; every window lies inside one of them"
+            )
+        elif crossing:
+            lines.append("crossing: the share of the length's windows that hold tokens of two documents (across </s>)")
         passkey = model.get("passkey")
         for s in (passkey or {}).get("skipped", []):
             lines.append(f"passkey at {s['length']} skipped: {s['reason']}")
@@ -75,19 +92,30 @@ def log_to_wandb(cfg: Config, report: dict, plots: dict) -> None:
 
     run = start_wandb(cfg.wandb, cfg.run_dir)
     try:
-        columns = ["model", "pos_encoding", "length", "loss", "ppl", "tokens", "windowed_loss", "loss_minus_windowed"]
+        columns = [
+            "model", "pos_encoding", "windows", "length", "loss", "ppl", "tokens", "windowed_loss",
+            "loss_minus_windowed", "qualified_documents", "qualified_tokens", "crossing_share", "skipped",
+        ]  # fmt: skip
         table = wandb.Table(columns=columns)
+        windows = report.get("windows", "stream")
         for model in report["models"]:
-            for r in model["results"]:
+            rows = [(r["length"], r, None) for r in model["results"]]
+            rows += [(s["length"], s, s["reason"]) for s in model["skipped"]]
+            for length, r, skipped in sorted(rows, key=lambda row: row[0]):
                 table.add_data(
                     model["name"],
                     model["pos_encoding"],
-                    r["length"],
-                    r["loss"],
-                    r["ppl"],
-                    r["tokens"],
+                    windows,
+                    length,
+                    r.get("loss"),
+                    r.get("ppl"),
+                    r.get("tokens"),
                     r.get("windowed_loss"),
                     r.get("loss_minus_windowed"),
+                    r.get("qualified_documents"),
+                    r.get("qualified_tokens"),
+                    r.get("crossing_share"),
+                    skipped,
                 )
         logged = {"eval/results": table, **{f"eval/{k}": wandb.Image(str(v)) for k, v in plots.items()}}
         passkey = report.get("passkey")
@@ -98,5 +126,11 @@ def log_to_wandb(cfg: Config, report: dict, plots: dict) -> None:
             logged["eval/passkey"] = cells
         run.log(logged)
         run.summary.update({f"eval/ppl@{r['length']}": r["ppl"] for r in report["results"]})
+        summary = {"eval/windows": windows}
+        for r in report["results"]:
+            for key in ("crossing_share", "qualified_documents", "qualified_tokens"):
+                if key in r:
+                    summary[f"eval/{key}@{r['length']}"] = r[key]
+        run.summary.update(summary)
     finally:
         run.finish()

@@ -2,7 +2,8 @@
 
 For each model (the run's final weights, or ``eval.checkpoint``, plus every ``eval.compare`` run) and each
 length in ``eval.lengths``, the validation split is cut into windows (``pretrain.eval.windows``: non-overlapping
-or sliding) and every scored prediction's cross-entropy is summed. Reported per length: loss, perplexity,
+or sliding; over the concatenated stream, or with ``eval.windows=documents`` only inside one validation document,
+from the boundaries in ``val_docs.npy``) and every scored prediction's cross-entropy is summed. Reported per length: loss, perplexity,
 tokens scored; with ``eval.window_control`` also the loss of the same predictions with attention limited to
 the model's training length, and the difference (does the model use context beyond what it was trained
 on?); and the loss by position inside the window. Then passkey retrieval (``pretrain.eval.passkey``).
@@ -31,7 +32,7 @@ from pretrain.eval.perplexity import evaluate_model
 from pretrain.eval.report import write_outputs
 from pretrain.eval.sources import ModelSource, load_model, resolve_sources, source_model_config
 from pretrain.eval.split import check_eval_split, make_split
-from pretrain.eval.windows import eval_lengths
+from pretrain.eval.windows import document_offsets, eval_lengths
 from pretrain.parallel.distributed import DistContext
 
 
@@ -60,12 +61,15 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
     if ecfg.passkey:
         pk_lengths, pk_too_short = passkey_lengths(cfg, encode)
     tokens = corpus.tokens("val")
+    documents = validation_offsets(corpus, len(tokens), required=ecfg.windows == "documents")
     started = time.perf_counter()
     stride_note = f", stride {ecfg.stride or 'L/2'}" if ecfg.mode == "sliding" else ""
+    where = " inside one document each" if ecfg.windows == "documents" else " over the stream"
+    n_documents = "" if documents is None else f" ({len(documents) - 1:,} documents)"
     cap = "all" if ecfg.max_tokens is None else f"at most {ecfg.max_tokens:,}"
     say(
-        f"[eval] {len(sources)} model(s) at lengths {', '.join(map(str, lengths))}; {ecfg.mode} windows{stride_note}; "
-        f"{cap} of the {len(tokens):,} validation tokens scored per length"
+        f"[eval] {len(sources)} model(s) at lengths {', '.join(map(str, lengths))}; {ecfg.mode} windows{where}"
+        f"{stride_note}; {cap} of the {len(tokens):,} validation tokens{n_documents} scored per length"
         + ("; windowed control on" if ecfg.window_control else "")
     )
     if split.sequence_parallel:
@@ -82,7 +86,9 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
             f"[eval] {source.name}: {model_cfg.pos_encoding} positions, trained at seq_len {model_cfg.seq_len}, "
             f"{model.num_parameters() / 1e6:.2f}M parameters ({source.weights_dir})"
         )
-        results, skipped, by_position = evaluate_model(model, model_cfg, tokens, ecfg, lengths, ctx, say, split)
+        results, skipped, by_position = evaluate_model(
+            model, model_cfg, tokens, ecfg, lengths, ctx, say, split, documents=documents
+        )
         entry = {
             "name": source.name,
             "source": str(source.weights_dir),
@@ -104,6 +110,7 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
     report = {
         "train_seq_len": primary["train_seq_len"],
         "mode": ecfg.mode,
+        "windows": ecfg.windows,
         "results": primary["results"],
         "skipped": primary["skipped"],
         "model": primary["name"],
@@ -111,6 +118,7 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
         "settings": {
             "lengths": lengths,
             "stride": ecfg.stride,
+            "windows": ecfg.windows,
             "max_tokens": ecfg.max_tokens,
             "batch_tokens": ecfg.batch_tokens,
             "window_control": ecfg.window_control,
@@ -118,6 +126,7 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
             "sequence_parallel": split.describe(),
         },
         "validation_tokens": len(tokens),
+        "validation_documents": None if documents is None else len(documents) - 1,
         "corpus": str(corpus.directory),
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -127,6 +136,25 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
         write_outputs(cfg, report, say)
     ctx.barrier()
     return report
+
+
+def validation_offsets(corpus, n_tokens: int, required: bool):
+    """The validation documents' offsets in the validation stream (``val_docs.npy``), or None when the corpus
+    gives none that match the stream; PipelineError then when ``eval.windows=documents`` needs them."""
+    try:
+        offsets = document_offsets(corpus.val_documents())
+    except (AttributeError, OSError, ValueError) as err:
+        offsets, problem = None, f"they cannot be read ({err})"
+    else:
+        problem = f"they cover {offsets[-1]:,} tokens, the split holds {n_tokens:,}"
+        if offsets[-1] != n_tokens:
+            offsets = None
+    if offsets is None and required:
+        raise PipelineError(
+            f"eval.windows=documents needs the validation documents' boundaries in {corpus.directory}, and {problem}; "
+            "prepare the corpus again (delete that directory) or use eval.windows=stream"
+        )
+    return offsets
 
 
 def _with_seq_len(cfg: Config, seq_len: int) -> Config:
