@@ -89,10 +89,8 @@ def run_generate(cfg: Config, ctx: DistContext, corpus) -> list[dict] | None:
     """Continue every prompt; rank 0 prints the completions and writes ``generate/samples.jsonl``, and returns
     the samples (other ranks None)."""
     prompts, source, _ = plan_generate(cfg)
-    if not ctx.is_main:
-        ctx.barrier()
-        return None
     gcfg = cfg.generate
+    # Every rank checks (and fails) alike, so that none waits at the barrier for a rank that stopped.
     check_tokenizer(source, corpus.tokenizer_path)
     model, model_cfg = load_model(source, corpus, ctx.device)
     sp = load_tokenizer(corpus.tokenizer_path)
@@ -101,6 +99,9 @@ def run_generate(cfg: Config, ctx: DistContext, corpus) -> list[dict] | None:
         if not ids:
             raise PipelineError(f"the prompt {prompt!r} encodes to no tokens; give some text to continue")
     check_length(model_cfg, max(len(ids) for ids in encoded), gcfg.max_new_tokens)
+    if not ctx.is_main:
+        ctx.barrier()
+        return None
     sampling = Sampling(temperature=gcfg.temperature, top_k=gcfg.top_k, top_p=gcfg.top_p, seed=gcfg.seed)
     how = "greedy" if sampling.greedy else f"temperature {gcfg.temperature}, top_k {gcfg.top_k}, top_p {gcfg.top_p}"
     window = f", cache window {gcfg.window}" if gcfg.window is not None else ""
