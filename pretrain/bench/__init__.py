@@ -32,4 +32,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "pretrain.bench.generate",
         "decoding tokens/s with the KV cache against re-running the full prefix and transformers' generate",
     ),
+    "train_short_test_long": (
+        "pretrain.bench.train_short_test_long",
+        "the ALiBi paper's claim from finished runs (launch/train_short_test_long.sh): table, plot and answer",
+    ),
 }

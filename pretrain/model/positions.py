@@ -54,6 +54,27 @@ def position_parameters(cfg: ModelConfig) -> int:
     return max_length(cfg) * cfg.d_model if ENCODINGS[cfg.pos_encoding].table else 0
 
 
+def embed_scale(cfg: ModelConfig) -> float:
+    """How many times their absolute positions token embeddings count before the embedding LayerNorm.
+
+    ``model.embed_scale`` when set; otherwise the ratio of token to position magnitude at initialization that the
+    ALiBi paper's fairseq baselines have (Press et al. 2022, after Vaswani et al. 2017): fairseq draws token
+    embeddings with std ``d_model ** -0.5`` and multiplies them by ``sqrt(d_model)`` (per-dimension std 1), then adds
+    a sinusoidal table (per-dimension RMS ``1/sqrt(2)``) or a learned table drawn with std ``d_model ** -0.5``. Our
+    token embeddings and a learned table are drawn with ``init_std`` (0.02), so the same ratios are ``1 / init_std``
+    for sinusoidal (tokens ``sqrt(2)`` times the table's RMS, as in fairseq) and ``sqrt(d_model)`` for learned.
+    It is applied as positions times ``1 / embed_scale``: with the embedding LayerNorm, which does not see a common
+    factor, that is tokens times ``embed_scale`` in the forward and the backward pass alike (up to the LayerNorm's
+    epsilon); without it, the residual stream keeps the scale its blocks and the tied head were initialized for.
+    Relative encodings add nothing to the embeddings: 1.
+    """
+    if not is_absolute(cfg.pos_encoding):
+        return 1.0
+    if cfg.embed_scale is not None:
+        return float(cfg.embed_scale)
+    return math.sqrt(cfg.d_model) if ENCODINGS[cfg.pos_encoding].table else 1.0 / cfg.init_std
+
+
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     """Vaswani et al. (2017) position table, float32 ``[n_positions, dim]`` (sin on even, cos on odd dims)."""
     pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
@@ -86,6 +107,8 @@ class PositionEncoding(nn.Module):
         self.kind = cfg.pos_encoding
         self.rope_base = cfg.rope_base
         self.max_positions = cfg.max_positions or cfg.seq_len
+        # Positions enter as table * position_scale (see embed_scale); 1.0 leaves the sum as it was before the scale.
+        self.position_scale = 1.0 / embed_scale(cfg)
         slopes = alibi_slopes(cfg.n_head) if self.kind == "alibi" else None
         # float32 always: a bf16 slope would round the bias (see alibi.py). Not a parameter: never trained.
         self.register_buffer("slopes", slopes, persistent=False)
@@ -110,13 +133,16 @@ class PositionEncoding(nn.Module):
                     f"position {int(positions.max())} is beyond the learned position table of "
                     f"{self.max_positions} rows (model.max_positions); a learned encoding cannot go longer"
                 )
-            return x + self.table(positions)
+            return x + self._scaled(self.table(positions))
         if self.kind == "sinusoidal":
             if int(positions.max()) >= self.table.shape[0]:
                 # The formula extends to any length; grow the table rather than refuse.
                 self.table = sinusoidal_table(int(positions.max()) + 1, x.shape[-1]).to(x.device)
-            return x + self.table[positions].to(x.dtype)
+            return x + self._scaled(self.table[positions]).to(x.dtype)
         return x
+
+    def _scaled(self, table_rows: torch.Tensor) -> torch.Tensor:
+        return table_rows if self.position_scale == 1.0 else table_rows * self.position_scale
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
         if self.kind != "rope":

@@ -20,6 +20,7 @@ import torch
 from pretrain.config import ModelConfig
 from pretrain.errors import ConfigError, PipelineError
 from pretrain.model.bloom import from_bloom_state_dict, model_config_from_bloom
+from pretrain.model.positions import is_absolute
 from pretrain.parallel.distributed import DistContext
 from pretrain.run_files import file_sha256, write_atomic
 from pretrain.train.checkpoint import COMPLETE, TAG_PATTERN, allowed_globals, check_pickles, complete_tags
@@ -31,6 +32,14 @@ WEIGHTS_CHECKSUM = "model.safetensors.sha256"
 
 
 MODEL_CONFIG = "model_config.json"
+
+
+def saved_model_config(values: dict) -> ModelConfig:
+    """The ``ModelConfig`` a run recorded. A record without ``embed_scale`` predates the key: its absolute encodings
+    were trained with tokens and positions added unscaled (1.0), not with today's default (model/positions.py)."""
+    if "embed_scale" not in values and is_absolute(values.get("pos_encoding", "alibi")):
+        values = {**values, "embed_scale": 1.0}
+    return ModelConfig(**values)
 
 
 def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, directory: Path, ctx: DistContext, zero_stage: int):
@@ -71,7 +80,7 @@ def load_weights(directory: Path) -> tuple[ModelConfig, dict]:
         return load_checkpoint_weights(directory)
     if not (directory / WEIGHTS).exists():
         raise PipelineError(f"no {WEIGHTS} in {directory}: train the model first (stage=train)")
-    cfg = ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
+    cfg = saved_model_config(json.loads((directory / MODEL_CONFIG).read_text()))
     path = directory / WEIGHTS
     checksum = directory / WEIGHTS_CHECKSUM
     if checksum.is_file() and file_sha256(path) != checksum.read_text().split()[0]:
@@ -97,7 +106,7 @@ def model_config(directory: Path) -> ModelConfig:
     directory = Path(directory)
     if is_checkpoint(directory):
         return checkpoint_model_config(directory)
-    return ModelConfig(**json.loads((directory / MODEL_CONFIG).read_text()))
+    return saved_model_config(json.loads((directory / MODEL_CONFIG).read_text()))
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -135,7 +144,7 @@ def checkpoint_model_config(step_dir: Path, where: str | None = None) -> ModelCo
             f"{step_dir.parent / MODEL_CONFIG} (written when the run finished; otherwise the run's model.* settings "
             f"with the tokenizer's vocab_size) under 'model_config' in {step_dir / COMPLETE}"
         )
-    return ModelConfig(**record["model_config"])
+    return saved_model_config(record["model_config"])
 
 
 def _complete_neighbours(step_dir: Path) -> str:
