@@ -77,12 +77,22 @@ def plot_ppl_vs_length(report: dict, path: Path) -> Path:
         ax.tick_params(axis="y", which="minor", labelsize=7)
     else:
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
-    ax.set_xlabel("evaluation length (tokens); dotted: training length")
+    ax.set_xlabel("evaluation length (tokens); dotted: training length" + _point_note(report))
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"Perplexity vs length ({report['mode']} windows {window_source(report)})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _point_note(report: dict) -> str:
+    """What the labels under the points say, for the axis title (nothing without labels)."""
+    results = next((m["results"] for m in report["models"] if m["results"]), [])
+    if any("qualified_documents" in r for r in results):
+        return "\nunder each point: the validation documents long enough for it"
+    if any("crossing_share" in r for r in results):
+        return "\nunder each point: the share of its windows crossing a document boundary"
+    return ""
 
 
 def _label_points(ax, report: dict) -> None:
@@ -91,7 +101,8 @@ def _label_points(ax, report: dict) -> None:
     model = next((m for m in report["models"] if m["results"]), None)
     for r in model["results"] if model else ():
         if "qualified_documents" in r:
-            text = f"{r['qualified_documents']:,} docs"
+            n = r["qualified_documents"]
+            text = f"{n:,} doc{'' if n == 1 else 's'}"
         elif "crossing_share" in r:
             text = f"{r['crossing_share']:.0%} cross"
         else:

@@ -3,8 +3,9 @@
 For each model (the run's final weights, or ``eval.checkpoint``, plus every ``eval.compare`` run) and each
 length in ``eval.lengths``, the validation split is cut into windows (``pretrain.eval.windows``: non-overlapping
 or sliding; over the concatenated stream, or with ``eval.windows=documents`` only inside one validation document,
-from the boundaries in ``val_docs.npy``) and every scored prediction's cross-entropy is summed. Reported per length: loss, perplexity,
-tokens scored; with ``eval.window_control`` also the loss of the same predictions with attention limited to
+from the boundaries in ``val_docs.npy``) and every scored prediction's cross-entropy is summed. Reported per
+length: loss, perplexity, tokens scored, the documents that qualified (documents) or the share of windows crossing a
+document boundary (stream); with ``eval.window_control`` also the loss of the same predictions with attention limited to
 the model's training length, and the difference (does the model use context beyond what it was trained
 on?); and the loss by position inside the window. Then passkey retrieval (``pretrain.eval.passkey``).
 
