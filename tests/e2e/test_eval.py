@@ -10,7 +10,13 @@ import pytest
 import torch
 from cli import SMALL_RUN, run_pretrain
 
-from pretrain.eval.windows import nonoverlapping_windows, sliding_windows
+from pretrain.eval.windows import (
+    document_offsets,
+    document_windows,
+    nonoverlapping_windows,
+    qualifying_documents,
+    sliding_windows,
+)
 from pretrain.model.gpt import GPT
 from pretrain.train.weights import load_weights
 
@@ -133,6 +139,57 @@ def test_sliding_mode_scores_the_last_stride_tokens_of_each_window(trained):
     # Every prediction had at least 17 tokens of context: no position below 16 in the curve.
     bins = report["models"][0]["loss_by_position"][0]["bins"]
     assert bins[0]["start"] == 16 and sum(b["tokens"] for b in bins) == 2048
+
+
+def test_stream_windows_report_the_share_crossing_a_document_boundary(trained):
+    _, run_dir, stdout = trained
+    report = results(run_dir)
+    assert report["windows"] == "stream" and report["validation_documents"] >= 1
+    for r in report["results"]:
+        assert 0.0 <= r["crossing_share"] <= 1.0 and 0.0 <= r["crossing_token_share"] <= r["crossing_share"]
+    assert "full-windowed crossing" in stdout and "windows over the stream" in stdout
+
+
+def test_document_windows_stay_inside_one_document_and_skip_a_length_none_holds(trained):
+    """eval.windows=documents through the command line: windows inside one validation document (never across
+    </s>), the documents that qualified per length, a length no document holds skipped with the reason (table,
+    JSON, plot), the windowed control and passkey still run; the loss is the model's own on those windows."""
+    workdir, alibi, _ = trained
+    run_dir, proc = evaluate(
+        workdir, "documents", "eval.windows=documents", "eval.lengths=[32,256,100000]", "eval.max_tokens=2048",
+        "eval.passkey_lengths=[128]", "eval.passkey_depths=[0.5]", "eval.passkey_trials=1",
+    )  # fmt: skip
+    report = results(run_dir)
+    assert report["windows"] == "documents" and report["settings"]["windows"] == "documents"
+    from pretrain.data.prepare import PreparedCorpus
+
+    corpus = PreparedCorpus.open(next((workdir / "data").glob("stdlib-*")))
+    tokens = np.asarray(corpus.tokens("val"), dtype=np.int64)
+    offsets = document_offsets(corpus.val_documents())
+    eos = int(tokens[offsets[1] - 1])
+    assert [r["length"] for r in report["results"]] == [32, 256]
+    for r in report["results"]:
+        assert (r["qualified_documents"], r["qualified_tokens"]) == qualifying_documents(offsets, r["length"])
+        assert r["tokens"] == 2048 and "windowed_loss" in r and "crossing_share" not in r
+        for w in document_windows(offsets, r["length"], "nonoverlapping", max_tokens=2048):
+            assert eos not in tokens[w.start : w.start + w.length]  # no </s> among the inputs
+    assert report["results"][1]["windowed_loss"] != report["results"][1]["loss"]  # 256 > 32: the control ran
+    [skipped] = report["skipped"]
+    assert skipped["length"] == 100000 and skipped["qualified_documents"] == 0
+    assert "no validation document is long enough" in skipped["reason"]
+    assert " 100000  skipped: no validation document is long enough" in proc.stdout  # the table
+    assert "windows inside documents" in proc.stdout and "documents doc tokens" in proc.stdout
+    assert (run_dir / "eval" / "ppl_vs_length.png").exists()
+    assert report["passkey"]["cells"] and report["passkey"]["lengths"] == [128]
+    # The loss at 32 is the model's own mean loss on those windows.
+    model_cfg, state = load_weights(alibi / "checkpoints")
+    model = GPT(model_cfg)
+    model.load_state_dict(state)
+    model.eval()
+    windows = document_windows(offsets, 32, "nonoverlapping", max_tokens=2048)
+    ids = torch.from_numpy(np.stack([tokens[w.start : w.start + 33] for w in windows]))
+    with torch.no_grad():
+        assert report["results"][0]["loss"] == pytest.approx(model(ids[:, :-1], ids[:, 1:]).item(), rel=1e-5)
 
 
 def test_a_length_beyond_the_validation_split_is_skipped_with_a_warning(trained):
