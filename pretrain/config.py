@@ -8,7 +8,11 @@ which builds these dataclasses and runs the checks before any work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from pretrain.errors import ConfigError
@@ -19,6 +23,8 @@ ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
 # split).
 STAGES = ("all", "prepare", "train", "eval", "export", "generate")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+# eval.windows: cut from the concatenated validation stream, or only inside one validation document.
+EVAL_WINDOWS = ("stream", "documents")
 # The train.* keys that shape the optimization a checkpoint continues: on resume they must equal the checkpoint's
 # unless train.resume_override names them. The schedule's length (train.max_steps) may always change: raising it is
 # how a finished run is extended.
@@ -34,7 +40,23 @@ RESUME_OVERRIDABLE = (
     "train.grad_accum",
     "train.precision",
 )
-DATA_SOURCES = ("stdlib", "files", "hf")
+DATA_SOURCES = ("stdlib", "files", "hf", "mix")
+# What one source of a data=mix mixture may be (data.sources[i].kind), and the keys a source takes.
+SOURCE_KINDS = ("stdlib", "files", "hf")
+SOURCE_KEYS = (
+    "kind",
+    "weight",
+    "label",
+    "paths",
+    "name",
+    "config",
+    "split",
+    "streaming",
+    "data_files",
+    "text_field",
+    "max_files",
+    "max_documents",
+)
 
 
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -46,6 +68,19 @@ def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}={value!r} is not allowed; it must be {bound}")
+
+
+def select_multiple(select: str) -> int | None:
+    """``eval.select``: None for ``last``, K for ``best_at:K``; ConfigError otherwise."""
+    if select == "last":
+        return None
+    kind, _, multiple = str(select).partition(":")
+    if kind == "best_at" and multiple.isdigit() and int(multiple) >= 1:
+        return int(multiple)
+    raise ConfigError(
+        f"eval.select={select!r} is not allowed; give last, or best_at:K for the checkpoint with the lowest "
+        "validation perplexity at K x model.seq_len (e.g. best_at:4)"
+    )
 
 
 def parse_time_limit(value: str | None) -> float | None:
@@ -84,6 +119,10 @@ class ModelConfig:
     # Rows of the learned position table (pos_encoding=learned); null means seq_len.
     max_positions: Optional[int] = None
     rope_base: float = 10000.0
+    # Absolute encodings only (sinusoidal, learned): token embeddings count this many times their positions before
+    # the embedding LayerNorm (applied as positions / embed_scale). null: the ALiBi paper's baselines' ratio
+    # (1/init_std for sinusoidal, sqrt(d_model) for learned; see docs/eval.md); 1: the unscaled sum.
+    embed_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "mlp_ratio"):
@@ -103,10 +142,130 @@ class ModelConfig:
             )
         if self.max_positions is not None:
             check_positive("model.max_positions", self.max_positions)
+        if self.embed_scale is not None:
+            check_positive("model.embed_scale", self.embed_scale)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+
+@dataclass
+class SourceConfig:
+    """One entry of ``data.sources`` (``data=mix``): a corpus of its own and its weight in the mixture.
+
+    The keys are DataConfig's source keys (``name`` is the dataset of a ``kind: hf`` source), plus ``weight`` (relative
+    to the other sources' weights, >= 0; a source of weight 0 is prepared and validated but never trained on) and
+    ``label``, the source's name in the prepared corpus, ``train/val.jsonl`` and wandb (default: its kind, or the
+    dataset's name; ``<kind>-<index>`` when two sources would share it)."""
+
+    kind: str
+    weight: float
+    label: str
+    paths: list[str] = field(default_factory=list)
+    name: Optional[str] = None
+    config: Optional[str] = None
+    split: str = "train"
+    streaming: bool = False
+    data_files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    max_files: Optional[int] = None
+    max_documents: Optional[int] = None
+
+    def as_data(self, data: DataConfig) -> DataConfig:
+        """This source as single-source ``data.*`` settings (the mixture's split and tokenizer settings)."""
+        own = {key: getattr(self, key) for key in SOURCE_KEYS if key not in ("kind", "weight", "label")}
+        return replace(data, source=self.kind, sources=[], **own)
+
+
+def parse_sources(entries: list) -> list[SourceConfig]:
+    """``data.sources`` (mappings from the command line or a YAML file) as SourceConfig entries, every problem one
+    ConfigError naming the entry and key (the schema takes plain mappings so that these messages are one line)."""
+    if not entries:
+        raise ConfigError(
+            "data=mix needs data.sources=[{kind: stdlib|files|hf, ..., weight: W}, ...]; see docs/prepare.md"
+        )
+    sources = []
+    for index, entry in enumerate(entries):
+        where = f"data.sources[{index}]"
+        if isinstance(entry, SourceConfig):
+            entry = {key: getattr(entry, key) for key in SOURCE_KEYS}
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}={entry!r}: a source is a mapping like {{kind: files, paths: [...], weight: 1}}")
+        entry = dict(entry)
+        unknown = [key for key in entry if key not in SOURCE_KEYS]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), SOURCE_KEYS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            keys = ", ".join(SOURCE_KEYS)
+            raise ConfigError(f"{where} has an unknown key {unknown[0]!r}; {hint}a source's keys: {keys}")
+        kind = entry.get("kind")
+        if kind is None:
+            raise ConfigError(f"{where} has no kind; give kind: {', '.join(SOURCE_KINDS)}")
+        check_choice(f"{where}.kind", kind, SOURCE_KINDS)
+        weight = entry.get("weight")
+        if weight is None:
+            raise ConfigError(f"{where} ({kind}) has no weight; give weight: W (its share relative to the others)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(
+                f"{where}.weight={weight!r} is not allowed; a weight is a number >= 0, relative to the other sources'"
+            )
+        for key in ("paths", "data_files"):
+            if isinstance(entry.get(key), str):
+                entry[key] = [entry[key]]
+        for key, value in entry.items():
+            _check_source_value(f"{where}.{key}", key, value)
+        given = {key: value for key, value in entry.items() if value is not None and key not in ("kind", "weight")}
+        source = SourceConfig(kind=kind, weight=float(weight), **{"label": "", **given})
+        if kind == "files" and not source.paths:
+            raise ConfigError(f"{where} (files) needs paths: [GLOB, ...] naming .txt, .jsonl or .parquet files")
+        if kind == "hf" and not source.name:
+            raise ConfigError(f"{where} (hf) needs name: DATASET (a hub name, or a local loader such as json)")
+        foreign = [key for key in ("paths",) if kind != "files" and entry.get(key)]
+        foreign += [key for key in ("name", "config", "data_files", "streaming") if kind != "hf" and entry.get(key)]
+        foreign += ["max_files"] if kind == "hf" and entry.get("max_files") is not None else []
+        if foreign:
+            raise ConfigError(f"{where}.{foreign[0]} is not a key of a {kind} source; see docs/prepare.md")
+        sources.append(source)
+    if not any(source.weight > 0 for source in sources):
+        raise ConfigError("data.sources: every weight is 0; give at least one source a weight > 0")
+    defaults = [source.label or _default_label(source) for source in sources]
+    for index, source in enumerate(sources):
+        if not source.label:
+            source.label = defaults[index] if defaults.count(defaults[index]) == 1 else f"{defaults[index]}-{index}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", source.label):
+            raise ConfigError(
+                f"data.sources[{index}].label={source.label!r} is not allowed; use letters, digits, '.', '_' and '-'"
+            )
+    labels = [source.label for source in sources]
+    twice = [label for label in labels if labels.count(label) > 1]
+    if twice:
+        raise ConfigError(f"data.sources: two sources are labelled {twice[0]!r}; give each a label of its own")
+    return sources
+
+
+def _check_source_value(key: str, name: str, value: Any) -> None:
+    if value is None or name in ("kind", "weight"):
+        return
+    if name in ("paths", "data_files"):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) and item for item in value)
+        want = "a list of paths or globs"
+    elif name in ("max_files", "max_documents"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        want = "a whole number > 0 (or null)"
+    elif name == "streaming":
+        ok, want = isinstance(value, bool), "true or false"
+    else:
+        ok, want = isinstance(value, str) and bool(value), "a non-empty string"
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; give {want}")
+
+
+def _default_label(source: SourceConfig) -> str:
+    if source.kind != "hf":
+        return source.kind
+    tail = str(source.name).rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", tail).lstrip("-._") or "hf"
 
 
 @dataclass
@@ -142,9 +301,20 @@ class DataConfig:
     cache_dir: str = "data"
     # Processes that tokenize (datasets' map num_proc); threads for a stream and for tokenizer training.
     num_proc: int = 2
+    # data=mix: the sources and their weights, e.g. [{kind: stdlib, weight: 0.3}, {kind: files, paths: [long/*.txt],
+    # weight: 0.7}] (each entry: SourceConfig's keys); the checks below turn them into SourceConfig entries.
+    sources: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "mix":
+            keys = ("paths", "name", "config", "data_files", "max_files", "max_documents", "streaming")
+            moved = [key for key in keys if getattr(self, key) not in (None, [], False)]
+            if moved:
+                raise ConfigError(f"data.{moved[0]} is not read by data=mix; give it inside a source of data.sources")
+            self.sources = parse_sources(self.sources)
+        elif self.sources:
+            raise ConfigError(f"data.sources is for data=mix (data.source={self.source!r}); add data=mix to mix them")
         check_choice("data.tokenizer_type", self.tokenizer_type, ("bpe", "unigram"))
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} is not allowed; it must be in (0, 1)")
@@ -207,6 +377,12 @@ class TrainConfig:
     time_limit: Optional[str] = None
     eval_every: int = 100
     eval_batches: int = 8
+    # Extrapolation watched during training: every eval_every steps, the validation windows at these multiples of
+    # model.seq_len ([] turns it off), eval_tokens predictions each, with the windowed control (val/ppl@{k}x).
+    eval_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
+    eval_tokens: int = 4096
+    # Record steps START..END (inclusive) with the PyTorch profiler: <run_dir>/train/profile/ (Chrome/Perfetto JSON).
+    profile: Optional[list[int]] = None
     log_every: int = 1
     # Extra DeepSpeed config: a dict merged over the generated one, or a path to a JSON file.
     deepspeed: Any = None
@@ -219,6 +395,22 @@ class TrainConfig:
         check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         check_positive("train.keep_last", self.keep_last)
         check_positive("train.max_bad_steps", self.max_bad_steps)
+        check_positive("train.eval_tokens", self.eval_tokens)
+        for multiple in self.eval_lengths:
+            if not isinstance(multiple, int) or multiple < 1:
+                raise ConfigError(
+                    f"train.eval_lengths holds {multiple!r}; give whole multiples of model.seq_len >= 1 "
+                    "(e.g. [1, 2, 4]), or [] to turn it off"
+                )
+        if self.profile is not None and (
+            len(self.profile) != 2
+            or not all(isinstance(s, int) and s >= 1 for s in self.profile)
+            or self.profile[0] > self.profile[1]
+        ):
+            raise ConfigError(
+                f"train.profile={self.profile!r} is not allowed; give [START, END], the first and last step to "
+                "record (1 <= START <= END)"
+            )
         check_positive("train.spike_factor", self.spike_factor, allow_zero=True)
         if 0 < self.spike_factor <= 1:
             raise ConfigError(
@@ -270,6 +462,10 @@ class EvalConfig:
     # nonoverlapping: windows of L side by side, every token scored once (the ALiBi paper's protocol).
     # sliding: windows of L moved by `stride`, only the last `stride` predictions of each scored.
     mode: str = "nonoverlapping"
+    # stream: windows cut from the concatenated validation split (documents joined by </s>, as in training); each
+    # length reports the share of its windows that cross a document boundary. documents: only windows inside one
+    # validation document (never across </s>); each length reports the documents and tokens long enough for it.
+    windows: str = "stream"
     # eval.mode=sliding only; null means half of each length.
     stride: Optional[int] = None
     # Other run directories evaluated on the same windows (one curve each).
@@ -277,6 +473,10 @@ class EvalConfig:
     # Weights to evaluate instead of <run_dir>/checkpoints: a directory holding model.safetensors, the file, or one
     # DeepSpeed checkpoint <run_dir>/checkpoints/step_NNNNNNNN (any ZeRO stage; a run may still be training).
     checkpoint: Optional[str] = None
+    # Which of the run's weights when eval.checkpoint is not given: last (the final model.safetensors), or
+    # best_at:K (the kept checkpoint with the lowest validation perplexity at K x model.seq_len, as logged by
+    # train.eval_lengths in train/val.jsonl).
+    select: str = "last"
     # Predictions scored per length, in whole windows spread evenly over the validation split (null: all of it).
     max_tokens: Optional[int] = 32768
     # Tokens per forward pass: each length runs max(1, batch_tokens // length) windows at a time.
@@ -294,6 +494,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_choice("eval.mode", self.mode, ("nonoverlapping", "sliding"))
+        check_choice("eval.windows", self.windows, EVAL_WINDOWS)
+        select_multiple(self.select)
         for key in ("lengths", "passkey_lengths"):
             values = getattr(self, key)
             if values is not None and len(values) == 0:

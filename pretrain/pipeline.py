@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.config import Config
 from pretrain.data.prepare import install_tokenizer, run_prepare
 from pretrain.errors import EXIT_STOPPED_EARLY, ConfigError, PipelineError
+from pretrain.eval.during_training import training_extrapolation
 from pretrain.eval.run import plan_eval, run_eval
 from pretrain.eval.split import check_eval_split
 from pretrain.eval.windows import eval_lengths
@@ -134,7 +135,8 @@ def _run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None) ->
 
     if cfg.stage in ("all", "train"):
         # on_checked: after checking a resume against this config and corpus.
-        trained = run_train(cfg, ctx, corpus, on_checked=checked)
+        extrapolation = training_extrapolation(cfg, ctx, corpus)
+        trained = run_train(cfg, ctx, corpus, on_checked=checked, extrapolation=extrapolation)
         if not trained["finished"]:
             # The later stages would use stale or no weights: the chain stops here.
             if ctx.is_main and cfg.stage == "all":

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config
-from pretrain.data.loader import TokenWindowLoader, val_batches
+from pretrain.data.loader import ValidationSplits, train_loader
 from pretrain.data.prepare import install_tokenizer
 from pretrain.model.gpt import GPT
 from pretrain.parallel.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
@@ -158,9 +158,8 @@ def run_train(
     groups = build_parallel_groups(ctx, pcfg.sp_size)
     dp_size = groups.dp_size
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
-    loader = TokenWindowLoader(
-        corpus.train_path,
-        corpus.dtype,
+    loader = train_loader(  # one train shard, or a mixture's sources drawn by weight (data=mix)
+        corpus,
         model_cfg.seq_len,
         tcfg.micro_batch_size,
         seed=tcfg.seed,
@@ -219,18 +218,10 @@ def run_train(
         loader.load_state_dict(client_state["loader"])
         apply_overrides(optimizer, scheduler, cfg)
 
-    def validation_batches():
-        return val_batches(
-            corpus.val_path,
-            corpus.dtype,
-            model_cfg.seq_len,
-            tcfg.micro_batch_size,
-            tcfg.eval_batches,
-            groups.dp_rank,
-            dp_size,
-        )
-
-    next(validation_batches())  # a validation split too small for one batch fails now, not mid-run
+    # A validation split too small for one batch fails now, not mid-run; a mixture has one per source.
+    validation = ValidationSplits(
+        corpus, model_cfg.seq_len, tcfg.micro_batch_size, tcfg.eval_batches, groups.dp_rank, dp_size
+    )
     tokens_per_step = global_batch(tcfg, dp_size) * model_cfg.seq_len
     per_token = flops_per_token(model_cfg, n_params)
     peak = peak_flops(tcfg.precision, tcfg.peak_flops)
@@ -307,9 +298,10 @@ def run_train(
             if profiler.after_step(step):
                 monitor.write(f"profiled steps {tcfg.profile[0]}..{step}: {profiler.trace}")
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-                val_loss = validation_loss(engine, validation_batches(), ctx, layout)
+                # by_source: a mixture's loss per source ({"loss/<label>": ...}; val/loss/<label> in wandb).
+                val_loss, by_source = validation.losses(lambda batches: validation_loss(engine, batches, ctx, layout))
                 longer = extrapolation(engine.module, model_cfg) if extrapolation is not None else {}
-                monitor.log_eval(step, val_loss, longer)
+                monitor.log_eval(step, val_loss, {**by_source, **longer})
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 client_state = {"step": step, "loader": loader.state_dict(), "loss": loss_value}

@@ -28,6 +28,8 @@ SMALL_RUN = [
     "train.eval_every=1000",
     "train.eval_batches=2",
     "wandb.mode=disabled",
+    # Scoring longer windows at each validation has its own test (test_train_watch.py); elsewhere it only costs time.
+    "train.eval_lengths=[]",
 ]
 
 

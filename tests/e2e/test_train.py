@@ -72,7 +72,7 @@ def test_resumed_run_is_the_uninterrupted_run_and_old_checkpoints_are_pruned(wor
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train.no_such_key=1"], "Key 'no_such_key' not in 'TrainConfig'"),
+        (["train.no_such_key=1"], "error: unknown config key 'train.no_such_key'"),
         (["train.lr=-0.1"], "error: train.lr=-0.1 is not allowed; it must be > 0"),
         (["train.micro_batch_size=0"], "error: train.micro_batch_size=0 is not allowed; it must be > 0"),
         (["train.zero_stage=4"], "error: train.zero_stage=4 is not allowed; choose one of: 0, 1, 2, 3"),

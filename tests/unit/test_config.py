@@ -15,7 +15,11 @@ register_configs()
 GROUPS = ["model", "data", "train", "parallel", "eval", "wandb"]
 GPT3_SHAPES = {"125m": (12, 768, 12), "350m": (24, 1024, 16), "760m": (24, 1536, 16), "1.3b": (24, 2048, 16)}
 # Options that cannot compose without required values (data=files needs paths, data=hf a name).
-REQUIRED = {("data", "files"): ["data.paths=[x.txt]"], ("data", "hf"): ["data.name=json"]}
+REQUIRED = {
+    ("data", "files"): ["data.paths=[x.txt]"],
+    ("data", "hf"): ["data.name=json"],
+    ("data", "mix"): ["data.sources=[{kind: stdlib, weight: 1}]"],
+}
 
 
 def compose_config(overrides):
@@ -87,3 +91,16 @@ def test_launcher_local_rank_argument_is_accepted(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     argv = adapt_launcher_argv(["pretrain", "--local_rank", "0"])
     assert "hydra.output_subdir=null" in argv and "0" not in argv
+
+
+def test_watch_and_select_keys_are_checked():
+    from pretrain.config import EvalConfig, TrainConfig, select_multiple
+
+    assert TrainConfig(eval_lengths=[]).eval_lengths == []
+    with pytest.raises(ConfigError, match=r"train.eval_lengths holds 0"):
+        TrainConfig(eval_lengths=[1, 0])
+    with pytest.raises(ConfigError, match=r"train.profile=\[5, 3\] is not allowed"):
+        TrainConfig(profile=[5, 3])
+    assert select_multiple("last") is None and select_multiple("best_at:4") == 4
+    with pytest.raises(ConfigError, match="eval.select='best:4' is not allowed"):
+        EvalConfig(select="best:4")
