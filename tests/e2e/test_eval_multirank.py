@@ -41,15 +41,18 @@ def trained(tmp_path_factory):
     return workdir, run_dir, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def one_rank(trained):
+def evaluate_on_one_rank(trained, name, *extra):
     """The reference: one rank evaluating the trained weights with whole windows."""
     workdir, run_dir, _ = trained
-    out = workdir / "one"
-    run_pretrain(
-        ["stage=eval", f"run_dir={out}", f"eval.checkpoint={run_dir / 'checkpoints'}", *SMALL_RUN, *EVAL], cwd=workdir
-    )
+    out = workdir / name
+    args = ["stage=eval", f"run_dir={out}", f"eval.checkpoint={run_dir / 'checkpoints'}", *SMALL_RUN, *EVAL, *extra]
+    run_pretrain(args, cwd=workdir)
     return results(out)
+
+
+@pytest.fixture(scope="module")
+def one_rank(trained):
+    return evaluate_on_one_rank(trained, "one")
 
 
 def evaluate_on_two_ranks(trained, name, *parallel):
@@ -88,6 +91,16 @@ def test_two_ranks_evaluate_exactly_what_one_rank_does(trained, one_rank):
     assert_same_numbers(one_rank, got, rel=1e-6)
     # Only rank 0 wrote: one table in the output.
     assert stdout.count("full-windowed") == 1
+    # Windows inside documents (eval.windows=documents) are dealt out the same way: the one-rank numbers again.
+    want = evaluate_on_one_rank(trained, "one-documents", "eval.windows=documents")
+    got, _ = evaluate_on_two_ranks(trained, "two-documents", "eval.windows=documents")
+    assert (want["windows"], got["windows"]) == ("documents", "documents")
+    assert [r["windows"] for r in got["results"]] == [63, 21]
+    assert_same_numbers(want, got, rel=1e-6)
+    for w, g in zip(want["results"], got["results"]):
+        keys = ("qualified_documents", "qualified_tokens", "scored_documents")
+        assert {k: g[k] for k in keys} == {k: w[k] for k in keys}
+    assert [r["loss"] for r in got["results"]] != [r["loss"] for r in one_rank["results"]]  # other windows
 
 
 @pytest.mark.slow
