@@ -38,6 +38,7 @@ def training_extrapolation(cfg: Config, ctx: DistContext, corpus) -> Callable[[t
         cfg.eval,
         lengths=lengths,
         mode="nonoverlapping",
+        windows="stream",  # the same tokens at every length, as the in-training curve compares lengths
         stride=None,
         max_tokens=cfg.train.eval_tokens,
         window_control=True,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from cli import SMALL_RUN, run_pretrain
 
+from pretrain.run_files import file_sha256
 from pretrain.train.checkpoint import COMPLETE
 from pretrain.train.weights import MODEL_CONFIG, load_checkpoint_weights, load_weights
 
@@ -93,6 +94,9 @@ def check_weights_come_from_the_partitions(run_dir, tmp_path):
     states = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)
     states["module"] = {k: v.bfloat16() for k, v in states["module"].items()}
     torch.save(states, step / "mp_rank_00_model_states.pt")
+    record = json.loads((step / COMPLETE).read_text())  # the rewrite is deliberate: its checksum too
+    record["checksums"]["mp_rank_00_model_states.pt"] = file_sha256(step / "mp_rank_00_model_states.pt")
+    (step / COMPLETE).write_text(json.dumps(record))
     _, got = load_checkpoint_weights(step)
     _, want = load_weights(run_dir / "checkpoints")
     assert sorted(got) == sorted(want)  # GPT's names: no "module." prefix, no duplicate for the tied head
