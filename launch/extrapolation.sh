@@ -11,8 +11,9 @@
 #                (launch/train_short_test_long.sh uses it). Run directories: OUT/ENCODING (K = 1), OUT/ENCODING-LEN.
 #   SEQ_LEN      default 128 (model=tiny's); MICRO_BATCH default 16 (train.micro_batch_size's); STEPS default 500
 #   TRAIN_ARGS, EVAL_ARGS   extra overrides for the training commands / the evaluation only (space-separated)
-# Trained runs are reused when the script runs again. OUT/timings.tsv gets "run_dir<TAB>seconds" for each run
-# this script trained (the whole training command, as measured here).
+# Trained runs are reused when the script runs again. OUT/timings.tsv gets "run_dir<TAB>wall s<TAB>CPU s" for each
+# run this script trained (the whole training command: wall-clock, and the CPU time it used, which other work on
+# the machine changes far less).
 set -euo pipefail
 
 OUT=${OUT:-runs/extrapolation}
@@ -25,6 +26,11 @@ read -r -a train_args <<< "${TRAIN_ARGS:-}"
 read -r -a eval_args <<< "${EVAL_ARGS:-}"
 
 mkdir -p "$OUT"
+# CPU seconds (user + system) used so far by this shell's finished children: `times` must run in this shell (in a
+# $(...) subshell it would count the subshell's children), so it writes to a file that awk reads.
+children_cpu() {
+  awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$OUT/.times"
+}
 runs=()
 for spec in $RUNS; do
   encoding=${spec%%:*}
@@ -42,11 +48,14 @@ for spec in $RUNS; do
   fresh=true
   [[ -f $run_dir/checkpoints/model.safetensors ]] && fresh=false
   started=$EPOCHREALTIME
+  times > "$OUT/.times"
+  cpu_before=$(children_cpu)
   pretrain stage=train run_dir="$run_dir" model.pos_encoding="$encoding" model.seq_len="$seq_len" \
     train.micro_batch_size="$batch" train.max_steps="$STEPS" ${train_args[@]+"${train_args[@]}"} "$@"
   if $fresh; then
-    awk -v run="$run_dir" -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%s\t%.1f\n", run, b - a }' \
-      >> "$OUT/timings.tsv"
+    times > "$OUT/.times"
+    awk -v run="$run_dir" -v a="$started" -v b="$EPOCHREALTIME" -v c0="$cpu_before" -v c1="$(children_cpu)" \
+      'BEGIN { printf "%s\t%.1f\t%.1f\n", run, b - a, c1 - c0 }' >> "$OUT/timings.tsv"
   fi
   runs+=("$run_dir")
 done

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 from pretrain.bench.report import machine_info, now_iso
@@ -32,16 +33,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_timings(path: Path | None) -> dict[str, float]:
-    """``run_dir<TAB>seconds`` lines (the launch script's timing of each training command), keyed by the resolved
-    run directory; the last line of a run wins."""
+def read_timings(path: Path | None) -> dict[str, tuple[float, float | None]]:
+    """``run_dir<TAB>wall s[<TAB>CPU s]`` lines (the launch script's timing of each training command) as
+    ``{resolved run_dir: (wall, cpu or None)}``; the last line of a run wins."""
     if path is None or not path.is_file():
         return {}
     timings = {}
     for line in path.read_text().splitlines():
-        if "\t" in line:
-            run, seconds = line.rsplit("\t", 1)
-            timings[str(Path(run).resolve())] = float(seconds)
+        fields = line.split("\t")
+        if len(fields) >= 2:
+            cpu = float(fields[2]) if len(fields) > 2 else None
+            timings[str(Path(fields[0]).resolve())] = (float(fields[1]), cpu)
     return timings
 
 
@@ -54,7 +56,7 @@ def run_dir_of(source: str) -> Path:
     return path.parent if path.name == "checkpoints" else Path(source)
 
 
-def model_rows(report: dict, timings: dict[str, float]) -> list[dict]:
+def model_rows(report: dict, timings: dict[str, tuple[float, float | None]]) -> list[dict]:
     """One row per evaluated model: encoding, training length, tokens, time, memory, perplexity per length."""
     rows = []
     for model in report["models"]:
@@ -62,6 +64,7 @@ def model_rows(report: dict, timings: dict[str, float]) -> list[dict]:
         steps = read_metrics(run_dir)
         step_times = [m["step_time_s"] for m in steps if m.get("step_time_s") is not None]
         peaks = [m["peak_memory_mib"] for m in steps if m.get("peak_memory_mib") is not None]
+        wall, cpu = timings.get(str(run_dir.resolve()), (None, None))
         rows.append(
             {
                 "name": model["name"],
@@ -70,11 +73,16 @@ def model_rows(report: dict, timings: dict[str, float]) -> list[dict]:
                 "train_seq_len": model["train_seq_len"],
                 "steps": steps[-1]["step"] if steps else None,
                 "tokens": steps[-1]["tokens"] if steps else None,
-                "final_loss": steps[-1]["loss"] if steps else None,
+                # One step's loss is one batch's: the mean of the last 20 steps.
+                "final_loss": statistics.mean(m["loss"] for m in steps[-20:]) if steps else None,
                 # The optimizer steps alone (forward, backward, update), without start-up, validation, checkpoints.
                 "train_step_seconds": sum(step_times) if step_times else None,
+                # The median step: on a machine shared with other work, far steadier than the sum.
+                "median_step_seconds": statistics.median(step_times) if step_times else None,
                 # The whole training command, as the launch script timed it (null when the run was reused).
-                "train_command_seconds": timings.get(str(run_dir.resolve())),
+                "train_command_seconds": wall,
+                # The CPU time that command used (user + system): what the training cost, even on a shared machine.
+                "train_command_cpu_seconds": cpu,
                 "peak_memory_mib": max(peaks) if peaks else None,
                 "ppl": {str(r["length"]): r["ppl"] for r in model["results"]},
                 "skipped": [r["length"] for r in model.get("skipped", [])],
@@ -103,7 +111,14 @@ def claims(rows: list[dict], tolerance: float) -> list[dict]:
         if ours is None or theirs is None:
             continue
         ppl_ratio = ours / theirs
-        time_ratio = _ratio(short["train_step_seconds"], row["train_step_seconds"])
+        # The CPU time of the training commands when the script measured it (other work on the machine changes it
+        # far less than wall-clock); else the median step (equal steps), steadier than the sum.
+        key = (
+            "train_command_cpu_seconds"
+            if short["train_command_cpu_seconds"] and row["train_command_cpu_seconds"]
+            else "median_step_seconds"
+        )
+        time_ratio = _ratio(short[key], row[key])
         memory_ratio = _ratio(short["peak_memory_mib"], row["peak_memory_mib"])
         answers.append(
             {
@@ -118,6 +133,7 @@ def claims(rows: list[dict], tolerance: float) -> list[dict]:
                 "ppl_ratio": ppl_ratio,
                 "matches_or_beats": ppl_ratio <= 1 + tolerance,
                 "train_time_ratio": time_ratio,
+                "train_time_measure": key,
                 "faster": None if time_ratio is None else time_ratio < 1,
                 "memory_ratio": memory_ratio,
                 "less_memory": None if memory_ratio is None else memory_ratio < 1,
@@ -144,13 +160,16 @@ def _verdict(answer: dict) -> str:
         f"at {answer['length']}, ALiBi trained at {answer['alibi_train_seq_len']} ({_ppl(answer['alibi_ppl'])}) "
         f"{quality} {answer['pos_encoding']} trained at {answer['baseline_train_seq_len']} "
         f"({_ppl(answer['baseline_ppl'])}, ratio {answer['ppl_ratio']:.3f}); it trained "
-        f"{_num(answer['train_time_ratio'], '{:.2f}')}x the time ({speed}) with "
+        f"{_num(answer['train_time_ratio'], '{:.2f}')}x the "
+        f"{'CPU time' if answer['train_time_measure'] == 'train_command_cpu_seconds' else 'median step time'} "
+        f"({speed}) with "
         f"{_num(answer['memory_ratio'], '{:.2f}')}x the peak memory ({memory})"
     )
 
 
 def markdown(rows: list[dict], answers: list[dict], lengths: list[int], tolerance: float) -> str:
-    head = ["model", "trained at", "tokens", "final loss", "train s (steps)", "train s (command)", "peak MiB"]
+    head = ["model", "trained at", "tokens", "loss (last 20 steps)", "median step s", "train s (steps)"]
+    head += ["train s (command)", "train CPU s", "peak MiB"]
     head += [f"ppl @ {n}" for n in lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for row in sorted(rows, key=lambda r: (r["pos_encoding"] != REFERENCE, r["pos_encoding"], r["train_seq_len"])):
@@ -159,8 +178,10 @@ def markdown(rows: list[dict], answers: list[dict], lengths: list[int], toleranc
             str(row["train_seq_len"]),
             _num(row["tokens"], "{:,}"),
             _num(row["final_loss"], "{:.3f}"),
+            _num(row["median_step_seconds"], "{:.3f}"),
             _num(row["train_step_seconds"], "{:,.0f}"),
             _num(row["train_command_seconds"], "{:,.0f}"),
+            _num(row["train_command_cpu_seconds"], "{:,.0f}"),
             _num(row["peak_memory_mib"], "{:,.0f}"),
         ]
         for n in lengths:
@@ -197,6 +218,7 @@ def plot(rows: list[dict], lengths: list[int], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, (ax, ax_time, ax_mem) = plt.subplots(1, 3, figsize=(14, 4.5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
     colours = {"alibi": "tab:blue", "sinusoidal": "tab:red", "rope": "tab:green", "learned": "tab:purple"}
@@ -204,6 +226,12 @@ def plot(rows: list[dict], lengths: list[int], path: Path) -> Path:
     ordered = sorted(rows, key=lambda r: (r["pos_encoding"] != REFERENCE, r["pos_encoding"], r["train_seq_len"]))
     shortest = min(r["train_seq_len"] for r in rows)
     labels = []
+    cpu = all(row["train_command_cpu_seconds"] for row in rows)
+    time_measure = (
+        ("train_command_cpu_seconds", "training CPU time (s)")
+        if cpu
+        else ("median_step_seconds", "median training step (s)")
+    )
     for row in ordered:
         label = f"{row['pos_encoding']} L={row['train_seq_len']}"
         labels.append(label)
@@ -221,6 +249,8 @@ def plot(rows: list[dict], lengths: list[int], path: Path) -> Path:
         )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xticks(lengths)
     ax.set_xticklabels([str(n) for n in lengths])
     ax.minorticks_off()
@@ -230,12 +260,12 @@ def plot(rows: list[dict], lengths: list[int], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     for axis, key, title in (
-        (ax_time, "train_step_seconds", "training time (s, optimizer steps)"),
+        (ax_time, *time_measure),
         (ax_mem, "peak_memory_mib", "training peak memory (MiB)"),
     ):
         values = [row[key] or 0.0 for row in ordered]
         bars = axis.barh(labels, values, color=[colours.get(r["pos_encoding"], "tab:gray") for r in ordered])
-        axis.bar_label(bars, fmt="%.0f", fontsize=8)
+        axis.bar_label(bars, fmt="%.3g", fontsize=8)
         axis.invert_yaxis()
         axis.set_title(title, fontsize=10)
         axis.tick_params(axis="y", labelsize=8)

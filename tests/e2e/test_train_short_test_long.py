@@ -50,6 +50,8 @@ def test_scaled_sinusoidal_trains_like_alibi_and_far_better_than_unscaled(tmp_pa
 
 def test_script_trains_evaluates_and_answers(tmp_path):
     out = tmp_path / "headline"
+    # The script sets each run's length and micro-batch (SEQ_LEN, MICRO_BATCH); arguments would override them.
+    script_args = [arg for arg in SMALL_RUN if not arg.startswith(("model.seq_len=", "train.micro_batch_size="))]
     env = cli_env(
         {
             "OUT": out,
@@ -65,7 +67,7 @@ def test_script_trains_evaluates_and_answers(tmp_path):
         }
     )
     proc = subprocess.run(
-        [str(REPO / "launch" / "train_short_test_long.sh"), f"data.cache_dir={tmp_path / 'data'}", *SMALL_RUN],
+        [str(REPO / "launch" / "train_short_test_long.sh"), f"data.cache_dir={tmp_path / 'data'}", *script_args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -83,6 +85,7 @@ def test_script_trains_evaluates_and_answers(tmp_path):
         assert set(model["ppl"]) == {"32", "64", "128"}
         assert model["train_step_seconds"] > 0 and model["peak_memory_mib"] is not None
         assert model["train_command_seconds"] > model["train_step_seconds"]
+        assert model["train_command_cpu_seconds"] > 0
     (claim,) = summary["claims"]
     assert (claim["pos_encoding"], claim["length"], claim["baseline_train_seq_len"]) == ("sinusoidal", 64, 64)
     assert claim["ppl_ratio"] == claim["alibi_ppl"] / claim["baseline_ppl"]

@@ -44,20 +44,24 @@ def test_rows_claims_and_outputs(tmp_path):
     }
     results = tmp_path / "results.json"
     results.write_text(json.dumps(report))
-    (tmp_path / "timings.tsv").write_text(f"{alibi}\t9.5\n{sin2}\t12.0\n")
+    (tmp_path / "timings.tsv").write_text(f"{alibi}\t9.5\t3.0\n{sin2}\t12.0\t4.0\n{rope2}\t8.0\n")
     summary = build(results, tmp_path / "out", tmp_path / "timings.tsv", tolerance=0.02, script_seconds=60.0)
 
     rows = {r["name"]: r for r in summary["models"]}
     assert rows["alibi"]["train_step_seconds"] == 1.5 and rows["alibi"]["peak_memory_mib"] == 103
+    assert rows["alibi"]["median_step_seconds"] == 0.5
     assert rows["alibi"]["train_command_seconds"] == 9.5 and rows["sinusoidal"]["train_command_seconds"] is None
+    assert rows["alibi"]["train_command_cpu_seconds"] == 3.0 and rows["rope-128"]["train_command_cpu_seconds"] is None
     assert rows["sinusoidal-128"]["tokens"] == 3072 and summary["lengths"] == [64, 128, 256]
     by_baseline = {c["baseline"]: c for c in summary["claims"]}
     assert set(by_baseline) == {"sinusoidal-128", "rope-128"}  # only baselines trained longer than ALiBi
     s = by_baseline["sinusoidal-128"]
     assert s["length"] == 128 and s["ppl_ratio"] == 48.0 / 47.5 and s["matches_or_beats"]  # within 2%
-    assert s["faster"] and s["less_memory"]
+    assert s["faster"] and s["less_memory"] and s["train_time_ratio"] == 0.75  # CPU seconds when both have them
+    assert s["train_time_measure"] == "train_command_cpu_seconds"
     r = by_baseline["rope-128"]
     assert not r["matches_or_beats"] and not r["faster"] and not r["less_memory"]
+    assert r["train_time_measure"] == "median_step_seconds" and r["train_time_ratio"] == 0.5 / 0.4
     table = (tmp_path / "out" / "headline.md").read_text()
     assert "| alibi | 64 | 3,072 |" in table and "**50.00**" in table and "does not hold" in table
     assert (tmp_path / "out" / "headline.png").stat().st_size > 0
