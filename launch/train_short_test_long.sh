@@ -4,8 +4,10 @@
 # steps with micro-batch MICRO_BATCH / k), all evaluated on the same validation windows at L, 2L, 4L, ...; then one
 # table, one plot and the answer: does ALiBi trained at L match or beat the baselines trained at kL at kL, while
 # training faster with less memory? Trains with launch/extrapolation.sh, answers with
-# `python -m pretrain.bench train_short_test_long`. Defaults (model=tiny on data=stdlib, L=128, 500 steps of
-# 2,048 tokens, baselines also at 256 and 512): about 30 minutes on a 2-core CPU (docs/benchmarks.md).
+# `python -m pretrain.bench train_short_test_long`. Defaults: model=tiny on data=stdlib, L=128, 500 steps of
+# 2,048 tokens, baselines also at 256 and 512 (7 models; roughly half an hour on an idle 2-core CPU, estimated).
+# Measured (docs/benchmarks.md): SEQ_LEN=64 STEPS=300 MULTIPLES=2 took 32 minutes on 2 cores shared with other
+# work, 6.7 minutes of CPU time. Run it with OMP_NUM_THREADS=1 on a shared machine.
 # Extra arguments go to every pretrain command, e.g. data.cache_dir=/tmp/cache. Environment:
 #   OUT (default runs/train_short_test_long), SEQ_LEN (L, default 128), STEPS (default 500),
 #   MICRO_BATCH (default 16; divisible by every multiple), BASELINES (default "sinusoidal rope"),
