@@ -10,10 +10,12 @@ may change freely.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
+from dataclasses import asdict, replace
 
 from pretrain.config import RESUME_OVERRIDABLE, Config, ModelConfig
 from pretrain.errors import PipelineError
+from pretrain.model.positions import embed_scale, is_absolute
 from pretrain.train.optim import lr_multiplier
 
 # Model keys that do not change the function the weights compute (the attention backend computes the same
@@ -43,6 +45,20 @@ def check_resume(record: dict, cfg: Config, model_cfg: ModelConfig, loader_state
                 f"{what} is {now[key]!r} but checkpoint {where} holds a model with {key}={saved!r}; a resume continues "
                 f"the same model: {init_hint}"
             )
+        # The scale of absolute positions as trained: a record older than model.embed_scale was trained unscaled,
+        # and a null one resolves through init_std (model/positions.py), which the loop above does not compare.
+        if is_absolute(model_cfg.pos_encoding):
+            trained_cfg = replace(
+                model_cfg,
+                embed_scale=saved_model.get("embed_scale", 1.0),
+                init_std=saved_model.get("init_std", model_cfg.init_std),
+            )
+            trained, wanted = embed_scale(trained_cfg), embed_scale(model_cfg)
+            if not math.isclose(trained, wanted):
+                raise PipelineError(
+                    f"model.embed_scale gives {wanted:g} but checkpoint {where} was trained with {trained:g}; pass "
+                    f"model.embed_scale={trained:g} to resume it, or {init_hint}"
+                )
     saved_loader = record.get("loader")
     if saved_loader is not None:
         for key in ("n_tokens", "checksum"):

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ModelConfig
-from pretrain.errors import ConfigError
+from pretrain.config import Config, ModelConfig
+from pretrain.errors import ConfigError, PipelineError
 from pretrain.model.gpt import GPT
 from pretrain.model.positions import embed_scale, sinusoidal_table
+from pretrain.train.resume import check_resume
 from pretrain.train.weights import model_config, saved_model_config
 
 
@@ -93,3 +94,21 @@ def test_records_from_before_the_key_load_as_unscaled(tmp_path):
     assert saved_model_config({**old, "embed_scale": None}).embed_scale is None  # recorded: today's default
     (tmp_path / "model_config.json").write_text(json.dumps(old))
     assert model_config(tmp_path).embed_scale == 1.0
+
+
+def test_resume_keeps_the_scale_the_checkpoint_was_trained_with():
+    """An old absolute run (no embed_scale recorded: unscaled) is not silently resumed at today's default."""
+    cfg = Config()
+    now = tiny(pos_encoding="sinusoidal")
+    old = {k: v for k, v in now.__dict__.items() if k != "embed_scale"}
+    with pytest.raises(
+        PipelineError, match=r"model.embed_scale gives 50 but .* trained with 1; pass model.embed_scale=1"
+    ):
+        check_resume({"model_config": old}, cfg, now, {}, "ckpt")
+    assert check_resume({"model_config": old}, cfg, tiny(pos_encoding="sinusoidal", embed_scale=1.0), {}, "ckpt") == []
+    recorded = dict(now.__dict__)  # embed_scale null, resolved through init_std
+    assert check_resume({"model_config": recorded}, cfg, now, {}, "ckpt") == []
+    with pytest.raises(PipelineError, match="trained with 50"):
+        check_resume({"model_config": recorded}, cfg, tiny(pos_encoding="sinusoidal", init_std=0.01), {}, "ckpt")
+    alibi_old = {**old, "pos_encoding": "alibi"}  # relative encodings: nothing to compare
+    assert check_resume({"model_config": alibi_old}, cfg, tiny(pos_encoding="alibi"), {}, "ckpt") == []
