@@ -57,12 +57,12 @@ def test_a_prompt_in_a_batch_gets_what_it_gets_alone(sampling, window):
     completion is its completion alone (the same prompt index, so the same random stream when sampling)."""
     model = model_of()
     prompts = prompts_of(7, 1, 23, 7, 12)
-    batched = generate(model, prompts, 20, sampling, window=window, batch_size=8)
-    alone = generate(model, prompts, 20, sampling, window=window, batch_size=1)
+    batched = generate(model, prompts, 10, sampling, window=window, batch_size=8)
+    alone = generate(model, prompts, 10, sampling, window=window, batch_size=1)
     assert batched == alone
-    assert all(len(c) == 20 for c in batched)
+    assert all(len(c) == 10 for c in batched)
     if sampling.greedy:
-        assert batched[2] == greedy_without_cache(model, prompts[2], 20, window)
+        assert batched[2] == greedy_without_cache(model, prompts[2], 10, window)
 
 
 def test_a_completion_stops_at_the_end_of_sequence_token():
@@ -80,10 +80,10 @@ def test_sampling_is_seeded():
     model = model_of()
     prompts = prompts_of(6, 6)
     hot = Sampling(temperature=1.5, seed=3)
-    first, again = generate(model, prompts, 25, hot), generate(model, prompts, 25, hot)
+    first, again = generate(model, prompts, 10, hot), generate(model, prompts, 10, hot)
     assert first == again
     assert first[0] != first[1]  # each prompt its own stream
-    assert generate(model, prompts, 25, Sampling(temperature=1.5, seed=4)) != first
+    assert generate(model, prompts, 10, Sampling(temperature=1.5, seed=4)) != first
 
 
 def test_bad_inputs_name_the_problem():
