@@ -171,9 +171,8 @@ def run_train(
     found = checkpoints.find_verified(tcfg.resume)
     overrides = []
     if found is not None:
-        overrides = check_resume(
-            checkpoints.record(*found), cfg, model_cfg, loader.state_dict(), str(found[0] / found[1])
-        )
+        where = str(found[0] / found[1])
+        overrides = check_resume(checkpoints.record(*found), cfg, model_cfg, loader.state_dict(), where, dp_size)
     if ctx.is_main:
         (on_checked or (lambda: install_tokenizer(corpus, run_dir)))()
     # ZeRO shards optimizer state by rank: another world size loads through the universal format.
@@ -305,7 +304,7 @@ def run_train(
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 client_state = {"step": step, "loader": loader.state_dict(), "loss": loss_value}
-                record = {"train_config": train_record(cfg), "loader": loader.state_dict(), "loss": loss_value}
+                record = {"train_config": train_record(cfg, dp_size), "loader": loader.state_dict(), "loss": loss_value}
                 checkpoints.save(engine, step, client_state, model_cfg, record)  # model_cfg: evaluable on its own
             if stopping:
                 monitor.write(

@@ -24,12 +24,23 @@ MODEL_FREE = ("attention", "dropout", "init_std")
 TRAIN_FIXED = ("train.seed", "train.zero_stage")
 
 
-def train_record(cfg: Config) -> dict:
-    """The ``train.*`` values a checkpoint records, so that a resume can compare against them."""
-    return {key: getattr(cfg.train, key.removeprefix("train.")) for key in RESUME_OVERRIDABLE + TRAIN_FIXED}
+# Compared as the global batch they make with the data-parallel ranks: 2 ranks -> 1 rank with grad_accum doubled is
+# the same run.
+BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum")
 
 
-def check_resume(record: dict, cfg: Config, model_cfg: ModelConfig, loader_state: dict, where: str) -> list[str]:
+def train_record(cfg: Config, dp_size: int) -> dict:
+    """The ``train.*`` values a checkpoint records, so that a resume can compare against them (``global_batch``:
+    sequences per optimizer step over ``dp_size`` data-parallel ranks)."""
+    keys = [key for key in RESUME_OVERRIDABLE + TRAIN_FIXED if key not in BATCH_KEYS]
+    record = {key: getattr(cfg.train, key.removeprefix("train.")) for key in keys}
+    record["global_batch"] = cfg.train.micro_batch_size * cfg.train.grad_accum * dp_size
+    return record
+
+
+def check_resume(
+    record: dict, cfg: Config, model_cfg: ModelConfig, loader_state: dict, where: str, dp_size: int = 1
+) -> list[str]:
     """Raise PipelineError (one line, naming both values) for a change a resume cannot make; return the overridden
     changes as lines to log. ``record`` is the checkpoint's ``complete.json``; a checkpoint of an earlier release
     lacks some entries, which are then not compared."""
@@ -70,10 +81,23 @@ def check_resume(record: dict, cfg: Config, model_cfg: ModelConfig, loader_state
                 )
     changes = []
     saved_train = record.get("train_config", {})
-    now_train = train_record(cfg)
+    now_train = train_record(cfg, dp_size)
     for key, saved in saved_train.items():
         if key not in now_train or now_train[key] == saved:
             continue
+        if key == "global_batch":
+            batch = (
+                f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum={cfg.train.grad_accum} x "
+                f"{dp_size} data-parallel ranks"
+            )
+            if set(BATCH_KEYS) & set(cfg.train.resume_override):
+                changes.append(f"global batch: {saved} -> {now_train[key]} sequences ({batch}; train.resume_override)")
+                continue
+            raise PipelineError(
+                f"the global batch is {now_train[key]} sequences ({batch}), but checkpoint {where} was trained with "
+                f"{saved}; keep it (e.g. on half the ranks, double train.grad_accum), or to change it from here on "
+                f"add train.resume_override=[train.grad_accum], or {init_hint}"
+            )
         if key in cfg.train.resume_override:
             changes.append(f"{key}: {saved!r} -> {now_train[key]!r} (train.resume_override)")
             continue

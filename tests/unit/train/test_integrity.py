@@ -129,7 +129,7 @@ def resume_setup(**train):
     record = {
         "model_config": asdict(cfg.model),
         "loader": {"n_tokens": 1000, "checksum": "abc"},
-        "train_config": train_record(Config()),
+        "train_config": train_record(Config(), dp_size=1),
     }
     return cfg, record
 
@@ -137,8 +137,11 @@ def resume_setup(**train):
 def test_resume_refuses_another_model_or_corpus_and_names_both_values():
     cfg, record = resume_setup()
     assert check_resume(record, cfg, cfg.model, record["loader"], "ck") == []
-    with pytest.raises(PipelineError, match=r"model.d_model is 256 but checkpoint ck holds a model with d_model=128.*"
-                       r"train.init_from=ck"):
+    with pytest.raises(
+        PipelineError,
+        match=r"model.d_model is 256 but checkpoint ck holds a model with d_model=128.*"
+        r"train.init_from=ck",
+    ):
         check_resume(record, cfg, replace(cfg.model, d_model=256), record["loader"], "ck")
     with pytest.raises(PipelineError, match="model.pos_encoding is 'rope'"):
         check_resume(record, cfg, replace(cfg.model, pos_encoding="rope"), record["loader"], "ck")
@@ -150,8 +153,11 @@ def test_resume_refuses_another_model_or_corpus_and_names_both_values():
 
 def test_resume_changes_optimization_keys_only_when_told():
     cfg, record = resume_setup(lr=1e-3)
-    with pytest.raises(PipelineError, match=r"train.lr=0.001, but checkpoint ck was trained with train.lr=0.003.*"
-                       r"train.resume_override=\[train.lr\]"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train.lr=0.001, but checkpoint ck was trained with train.lr=0.003.*"
+        r"train.resume_override=\[train.lr\]",
+    ):
         check_resume(record, cfg, cfg.model, record["loader"], "ck")
     cfg, _ = resume_setup(lr=1e-3, resume_override=["train.lr"])
     assert check_resume(record, cfg, cfg.model, record["loader"], "ck") == [
@@ -162,5 +168,13 @@ def test_resume_changes_optimization_keys_only_when_told():
         check_resume(record, cfg, cfg.model, record["loader"], "ck")
     cfg, _ = resume_setup(max_steps=5000)  # extending a run
     assert check_resume(record, cfg, cfg.model, record["loader"], "ck") == []
+    # 2 ranks -> 1 rank with grad_accum doubled: the same global batch, the same run.
+    two_ranks = {**record, "train_config": train_record(Config(), dp_size=2)}
+    cfg, _ = resume_setup(grad_accum=2)
+    assert check_resume(two_ranks, cfg, cfg.model, record["loader"], "ck", dp_size=1) == []
+    with pytest.raises(PipelineError, match=r"the global batch is 16 sequences .* trained with 32; keep it"):
+        check_resume(two_ranks, Config(model=cfg.model), cfg.model, record["loader"], "ck", dp_size=1)
+    cfg, _ = resume_setup(resume_override=["train.grad_accum"])
+    assert check_resume(two_ranks, cfg, cfg.model, record["loader"], "ck")[0].startswith("global batch: 32 -> 16")
     with pytest.raises(ConfigError, match="train.resume_override holds 'train.seed'; the keys that may change"):
         TrainConfig(resume_override=["train.seed"])
