@@ -126,20 +126,28 @@ class TokenWindowLoader:
         """Continue from ``state``; a state of another shard, seed or seq_len raises a ValueError naming it."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        mine = self.state_dict()
-        for key, what in (
-            ("n_tokens", "a different train shard (another corpus or tokenizer)"),
-            ("checksum", "a different train shard (another corpus or tokenizer)"),
-            ("seq_len", "another model.seq_len"),
-            ("seed", "another train.seed"),
-        ):
-            if state[key] != mine[key]:
-                raise ValueError(
-                    f"cannot resume the data loader: the checkpoint was made with {what} "
-                    f"({key}={state[key]!r}, now {mine[key]!r})"
-                )
+        check_same_stream(
+            state,
+            self.state_dict(),
+            (
+                ("n_tokens", "a different train shard (another corpus or tokenizer)"),
+                ("checksum", "a different train shard (another corpus or tokenizer)"),
+                ("seq_len", "another model.seq_len"),
+                ("seed", "another train.seed"),
+            ),
+        )
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
+
+
+def check_same_stream(saved: dict[str, Any], mine: dict[str, Any], keys) -> None:
+    """ValueError naming the first of ``keys`` (``(key, what it means)``) on which a saved loader state differs."""
+    for key, what in keys:
+        if saved[key] != mine[key]:
+            raise ValueError(
+                f"cannot resume the data loader: the checkpoint was made with {what} "
+                f"({key}={saved[key]!r}, now {mine[key]!r})"
+            )
 
 
 def val_batches(
@@ -315,20 +323,18 @@ class MixtureLoader:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
         if state.get("kind") != "mixture":
             raise ValueError("cannot resume the data loader: the checkpoint was trained on one corpus, not a mixture")
-        mine = self.state_dict()
-        for key, what in (
-            ("sources", "other sources (data.sources)"),
-            ("weights", "other weights (data.sources)"),
-            ("n_tokens", "different train shards (another corpus or tokenizer)"),
-            ("checksum", "different train shards (another corpus or tokenizer)"),
-            ("seq_len", "another model.seq_len"),
-            ("seed", "another train.seed"),
-        ):
-            if state[key] != mine[key]:
-                raise ValueError(
-                    f"cannot resume the data loader: the checkpoint was made with {what} "
-                    f"({key}={state[key]!r}, now {mine[key]!r})"
-                )
+        check_same_stream(
+            state,
+            self.state_dict(),
+            (
+                ("sources", "other sources (data.sources)"),
+                ("weights", "other weights (data.sources)"),
+                ("n_tokens", "different train shards (another corpus or tokenizer)"),
+                ("checksum", "different train shards (another corpus or tokenizer)"),
+                ("seq_len", "another model.seq_len"),
+                ("seed", "another train.seed"),
+            ),
+        )
         self.position = int(state["position"])
         self.drawn = np.asarray(state["drawn"], dtype=np.int64)
 
