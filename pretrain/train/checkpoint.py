@@ -225,7 +225,9 @@ class CheckpointManager:
         """Complete checkpoints for ``train.resume=auto``, newest first: the one ``latest`` names and older ones."""
         if not (self.directory / LATEST).exists():
             return []
-        latest = (self.directory / LATEST).read_text().strip()
+        # A latest naming a checkpoint that is not there is refused, not passed over: the directory was changed by
+        # hand or by another program, and starting over from an older checkpoint (or none) would hide it.
+        latest = self._read_latest(self.directory, "train.resume=auto")
         return [tag for tag in reversed(complete_tags(self.directory)) if tag <= latest]
 
     def find_verified(self, resume: str, say=print) -> tuple[Path, str] | None:
@@ -258,6 +260,16 @@ class CheckpointManager:
         if (self.directory / LATEST).exists() and self.ctx.is_main:
             say(f"no checkpoint under {self.directory} verifies: training starts from the beginning")
         return None
+
+    @staticmethod
+    def _read_latest(directory: Path, key: str) -> str:
+        tag = (directory / LATEST).read_text().strip()
+        if not (directory / tag / COMPLETE).exists():
+            raise PipelineError(
+                f"{key}: {directory / LATEST} names checkpoint {tag!r}, which is missing or incomplete "
+                f"under {directory}; point train.resume at a complete checkpoint or use train.resume=none"
+            )
+        return tag
 
     @staticmethod
     def record(load_dir: Path, tag: str) -> dict:

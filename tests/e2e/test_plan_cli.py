@@ -50,7 +50,8 @@ def test_memory_plan_within_15_percent_of_the_measured_peak(workdir, model, zero
     run_dir = workdir / f"{model}-z{zero_stage}"
     args = [f"model={model}", f"train.zero_stage={zero_stage}", "data.max_files=200", *extra]
     run_pretrain(
-        ["stage=train", f"run_dir={run_dir}", "train.max_steps=4", "train.ckpt_every=1000", *args],
+        ["stage=train", f"run_dir={run_dir}", "train.max_steps=4", "train.ckpt_every=1000", "train.eval_lengths=[]",
+         "train.eval_batches=1", *args],
         cwd=workdir, ranks=ranks, env=LIVE_RSS, timeout=900,
     )  # fmt: skip
     measured = metrics(run_dir)[-1]["peak_memory_mib"]

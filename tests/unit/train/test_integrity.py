@@ -178,3 +178,14 @@ def test_resume_changes_optimization_keys_only_when_told():
     assert check_resume(two_ranks, cfg, cfg.model, record["loader"], "ck")[0].startswith("global batch: 32 -> 16")
     with pytest.raises(ConfigError, match="train.resume_override holds 'train.seed'; the keys that may change"):
         TrainConfig(resume_override=["train.seed"])
+
+
+def test_a_latest_naming_a_missing_checkpoint_is_refused_not_passed_over(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    (tmp_path / LATEST).write_text("step_00000020")
+    manager = CheckpointManager(tmp_path, keep_last=2, ctx=DistContext())
+    for resume in ("auto", str(tmp_path)):
+        with pytest.raises(PipelineError, match="names checkpoint 'step_00000020', which is missing or incomplete"):
+            manager.find_verified(resume)
+    (tmp_path / LATEST).write_text("step_00000010")
+    assert manager.find_verified(str(tmp_path)) == (tmp_path, "step_00000010")
