@@ -100,9 +100,7 @@ class TokenWindowLoader:
         step = order[self.consumed : self.consumed + self.windows_per_step]
         starts = offset + step[self.dp_rank :: self.dp_size] * self.seq_len
         self.consumed += self.windows_per_step
-        windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        batch = torch.from_numpy(windows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return inputs_and_targets([self.tokens[s : s + self.seq_len + 1] for s in starts])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -138,6 +136,13 @@ class TokenWindowLoader:
         )
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
+
+
+def inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of ``seq_len + 1`` tokens as int64 ``(inputs, targets)`` ``[n, seq_len]``: targets are inputs moved by
+    one token."""
+    batch = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
 def check_same_stream(saved: dict[str, Any], mine: dict[str, Any], keys) -> None:
@@ -293,8 +298,7 @@ class MixtureLoader:
         windows = [self.streams[s].window(int(j)) for s, j in zip(chosen[mine], within[mine], strict=True)]
         self.drawn += np.bincount(chosen, minlength=len(self.streams))
         self.position += self.windows_per_step
-        batch = torch.from_numpy(np.stack(windows).astype(np.int64))
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return inputs_and_targets(windows)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

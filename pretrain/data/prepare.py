@@ -43,7 +43,7 @@ from pretrain.data.tokenizer import (
     train_tokenizer,
 )
 from pretrain.errors import PipelineError
-from pretrain.parallel.distributed import broadcast_from_main, pid_alive
+from pretrain.parallel.distributed import pid_alive, run_on_main
 from pretrain.run_files import RunFiles, file_sha256, write_atomic
 
 FORMAT_VERSION = 1
@@ -218,23 +218,18 @@ def run_prepare(cfg: Config, ctx, install: bool = True) -> PreparedCorpus:
 
     Every rank returns the same PreparedCorpus. A failure on rank 0 is raised on every rank.
     """
+    prepared: list[PreparedCorpus] = []  # rank 0's, kept rather than read back
+
+    def prepare() -> str:
+        corpus = prepare_corpus(cfg.data)
+        if install:
+            install_tokenizer(corpus, cfg.run_dir)
+        prepared.append(corpus)
+        return str(corpus.directory)
+
+    detail = run_on_main(ctx, prepare, "prepare the corpus")
     if ctx.is_main:
-        corpus, failure = None, None
-        try:
-            corpus = prepare_corpus(cfg.data)
-            if install:
-                install_tokenizer(corpus, cfg.run_dir)
-            status = ("ok", str(corpus.directory))
-        except Exception as err:
-            failure = err
-            status = ("error", str(err) if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}")
-        broadcast_from_main(ctx, status)
-        if failure is not None:
-            raise failure
-        return corpus
-    state, detail = broadcast_from_main(ctx, None)
-    if state == "error":
-        raise PipelineError(f"rank 0 could not prepare the corpus: {detail}")
+        return prepared[0]
     corpus = PreparedCorpus.open(Path(detail))
     if corpus is None:
         raise PipelineError(

@@ -26,7 +26,7 @@ from pretrain.eval.sources import ModelSource, checkpoint_source, source_model_c
 from pretrain.export.model_card import model_card
 from pretrain.export.tokenizer import build_tokenizer, check_convertible, check_same_encoding, tokenizer_files
 from pretrain.model.bloom import bloom_config, check_bloom_compatible, to_bloom_state_dict
-from pretrain.parallel.distributed import DistContext, broadcast_from_main
+from pretrain.parallel.distributed import DistContext, run_on_main
 from pretrain.run_files import RunFiles
 from pretrain.train.checkpoint import complete_tags
 from pretrain.train.weights import WEIGHTS, load_weights
@@ -134,22 +134,7 @@ def run_export(cfg: Config, ctx: DistContext, say=print) -> Path | None:
             if ctx.is_main:
                 say(f"[export] skipped: {reason}")
             return None
-    if ctx.is_main:
-        failure, status = None, ("ok", "")
-        try:
-            target = export_hf(cfg, plan_export(cfg), say)
-            status = ("ok", str(target))
-        except Exception as err:
-            failure = err
-            status = ("error", str(err) if isinstance(err, (ConfigError, PipelineError)) else repr(err))
-        broadcast_from_main(ctx, status)
-        if failure is not None:
-            raise failure
-        return target
-    state, detail = broadcast_from_main(ctx, None)
-    if state == "error":
-        raise PipelineError(f"rank 0 could not export the model: {detail}")
-    return Path(detail)
+    return Path(run_on_main(ctx, lambda: str(export_hf(cfg, plan_export(cfg), say)), "export the model"))
 
 
 def export_hf(cfg: Config, plan: ExportPlan, say=print) -> Path:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import ConfigError, PipelineError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -48,6 +50,36 @@ def all_reduce(values: torch.Tensor, ctx: DistContext, op=None) -> torch.Tensor:
         on_device = values.clone()
     dist.all_reduce(on_device, op=dist.ReduceOp.SUM if op is None else op)
     return on_device.to(values.device)
+
+
+def all_ranks(flag: bool, ctx: DistContext) -> bool:
+    """Whether ``flag`` holds on every rank (every rank gets the same answer)."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    return bool(all_reduce(value, ctx, op=dist.ReduceOp.MIN).item() > 0)
+
+
+def run_on_main(ctx: DistContext, work, what: str) -> str:
+    """``work()`` (returning a string) on rank 0 while the other ranks wait; every rank returns its result.
+
+    A failure on rank 0 is raised there and, as a PipelineError naming ``what`` ("prepare the corpus"), on every
+    other rank, so no rank is left waiting for one that gave up.
+    """
+    if ctx.is_main:
+        failure, status = None, None
+        try:
+            status = ("ok", work())
+        except Exception as err:
+            failure = err
+            user_error = isinstance(err, (ConfigError, PipelineError))
+            status = ("error", str(err) if user_error else f"{type(err).__name__}: {err}")
+        broadcast_from_main(ctx, status)
+        if failure is not None:
+            raise failure
+        return status[1]
+    state, detail = broadcast_from_main(ctx, None)
+    if state == "error":
+        raise PipelineError(f"rank 0 could not {what}: {detail}")
+    return detail
 
 
 def gather_objects(value, ctx: DistContext) -> list:

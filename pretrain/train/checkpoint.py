@@ -36,7 +36,7 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.errors import PipelineError
-from pretrain.parallel.distributed import DistContext, all_reduce
+from pretrain.parallel.distributed import DistContext, all_ranks
 from pretrain.run_files import write_atomic
 from pretrain.train.integrity import checksums, parameters_finite, verify_checksums
 
@@ -175,8 +175,7 @@ class CheckpointManager:
     def _raise_if_failed(self, failure: BaseException | None, step_dir: Path) -> None:
         """All ranks learn whether any rank's save failed; then the partial directory is removed and the run stops
         with one line (a full disk or a file-size limit said as such)."""
-        failed = torch.tensor([0.0 if failure is None else 1.0])
-        if all_reduce(failed, self.ctx).item() == 0:
+        if all_ranks(failure is None, self.ctx):
             return
         if self.ctx.is_main:
             shutil.rmtree(step_dir, ignore_errors=True)

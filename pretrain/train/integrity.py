@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from pretrain.parallel.distributed import DistContext, all_reduce, gather_objects
+from pretrain.parallel.distributed import DistContext, all_ranks, gather_objects
 from pretrain.run_files import file_sha256
 
 # Not hashed: the record itself, and the per-save scratch that DeepSpeed never reads back.
@@ -76,5 +75,4 @@ def parameters_finite(model: torch.nn.Module, ctx: DistContext) -> bool:
             if data.numel() and not bool(torch.isfinite(data).all()):
                 finite = False
                 break
-    flag = torch.tensor([1.0 if finite else 0.0])
-    return bool(all_reduce(flag, ctx, op=dist.ReduceOp.MIN).item() > 0)
+    return all_ranks(finite, ctx)

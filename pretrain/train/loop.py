@@ -22,7 +22,13 @@ from pretrain.data.loader import ValidationSplits, train_loader
 from pretrain.data.prepare import install_tokenizer
 from pretrain.model.gpt import GPT
 from pretrain.parallel.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
-from pretrain.parallel.distributed import DistContext, all_reduce, build_parallel_groups, ensure_process_group
+from pretrain.parallel.distributed import (
+    DistContext,
+    all_ranks,
+    all_reduce,
+    build_parallel_groups,
+    ensure_process_group,
+)
 from pretrain.parallel.layout import SequenceLayout, check_split
 from pretrain.parallel.sequence_parallel import apply_sequence_parallel
 from pretrain.perf.flops import flops_per_token, mfu, peak_flops
@@ -84,12 +90,6 @@ class StopSignal:
 def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> float:
     """The mean of a one-element tensor over all ranks, as a float."""
     return (all_reduce(value.detach().float().reshape(1), ctx) / ctx.world_size).item()
-
-
-def finite_on_all_ranks(value: torch.Tensor, ctx: DistContext) -> bool:
-    """Whether ``value`` is finite on every rank."""
-    flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0])
-    return bool(all_reduce(flag, ctx, op=dist.ReduceOp.MIN).item() > 0)
 
 
 def grad_norm_stage0(model: torch.nn.Module) -> float:
@@ -259,7 +259,7 @@ def run_train(
                 engine.backward(loss * loss_scale)
                 loss_sum += loss.detach().float()
                 if engine.is_gradient_accumulation_boundary():
-                    guard.before_update(finite_on_all_ranks(loss_sum, ctx))
+                    guard.before_update(all_ranks(bool(torch.isfinite(loss_sum)), ctx))
                     if tcfg.zero_stage == 0:
                         norm = grad_norm_stage0(engine.module)
                 lr = scheduler.get_last_lr()[0]
