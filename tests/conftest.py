@@ -1,8 +1,10 @@
 """Shared by both tiers. ``tests/unit``: no test starts a process (under a minute in all). ``tests/e2e``: the real
 program in subprocesses (the CLI, several ranks, the benchmarks, the launch scripts), marked ``e2e`` here.
 
-This folder is on ``sys.path`` (pytest puts each conftest.py's folder there), so helpers beside this file, such as
-``data_fixtures``, import by their plain names; so do those beside ``e2e/conftest.py`` (``cli``).
+Test modules are imported by path (``--import-mode=importlib`` in pyproject.toml), so two test files may share a
+basename in different folders. This folder and ``e2e/`` are on ``sys.path`` (pyproject.toml's ``pythonpath``), so
+helpers beside this file, such as ``data_fixtures``, import by their plain names; so do those beside
+``e2e/conftest.py`` (``cli``).
 """
 
 from __future__ import annotations

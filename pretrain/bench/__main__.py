@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from pretrain.bench import BENCHMARKS
+from pretrain.extras import MissingExtraError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (NAME --help lists them)")
     ns = parser.parse_args(argv)
     module = importlib.import_module(BENCHMARKS[ns.name][0])
-    return module.main(ns.args, prog=f"{parser.prog} {ns.name}")
+    try:
+        return module.main(ns.args, prog=f"{parser.prog} {ns.name}")
+    except MissingExtraError as err:  # one line naming the extra, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

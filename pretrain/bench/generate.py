@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from pretrain.bench.options import positive_int
+from pretrain.extras import optional_import
 
 IMPLS = ("cache", "full", "transformers")
+TRANSFORMERS_USE = "the transformers row of bench generate (--impls cache full skips it)"
 TARGET_SPEEDUP = 5.0
 TARGET_PROMPT = 2048
 
@@ -63,8 +65,7 @@ def build_model(name: str, params: GenerateBenchParams):
 
 def bloom_of(model):
     """The same weights as ``transformers.BloomForCausalLM``."""
-    import transformers
-
+    transformers = optional_import("transformers", TRANSFORMERS_USE)
     from pretrain.model.bloom import bloom_config, to_bloom_state_dict
 
     bloom = transformers.BloomForCausalLM(transformers.BloomConfig(**bloom_config(model.cfg))).eval()
@@ -262,9 +263,7 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench generate") -> in
     started = now_iso()
     machine = machine_info("cpu")
     if "transformers" in params.impls:
-        import transformers
-
-        machine["transformers"] = transformers.__version__
+        machine["transformers"] = optional_import("transformers", TRANSFORMERS_USE).__version__
     window = f", cache window {params.window}" if params.window else ""
     print(
         f"generate benchmark on {machine['device_name']} (cpu, {torch.get_num_threads()} torch threads): greedy, "

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from pretrain.bench.options import positive_int
+from pretrain.extras import optional_import
 from pretrain.perf.memory import MIB
 
 IMPLS = ("ours", "bloom")
@@ -187,7 +188,8 @@ class BloomStep:
     """Hugging Face's BLOOM of the same shape, in a plain PyTorch AdamW loop."""
 
     def __init__(self, shape: ModelShape, length: int, params: TrainStepBenchParams):
-        from transformers import BloomConfig, BloomForCausalLM
+        transformers = optional_import("transformers", "the bloom baseline of bench train_step (--impls ours skips it)")
+        BloomConfig, BloomForCausalLM = transformers.BloomConfig, transformers.BloomForCausalLM
 
         self.device = torch.device(params.device)
         self.autocast = params.dtype == "bfloat16"
@@ -233,7 +235,7 @@ def worker(params: TrainStepBenchParams, impl: str, model: str, length: int) -> 
 
         ensure_process_group(DistContext())
     else:
-        importlib.import_module("transformers.models.bloom.modeling_bloom")
+        optional_import("transformers.models.bloom.modeling_bloom", "the bloom baseline of bench train_step")
 
     shape = model_shape(model)
     total_meter = peak_memory_meter(device)
@@ -505,11 +507,13 @@ def target_checks(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def versions() -> dict:
+def versions(impls: tuple[str, ...]) -> dict:
     import deepspeed
-    import transformers
 
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    found = {"torch": torch.__version__, "deepspeed": deepspeed.__version__}
+    if "bloom" in impls:
+        found["transformers"] = optional_import("transformers", "the bloom baseline of bench train_step").__version__
+    return found
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -592,7 +596,7 @@ def main(argv: list[str], prog: str = "python -m pretrain.bench train_step") -> 
     from pretrain.bench.report import machine_info, now_iso, write_report
 
     started = now_iso()
-    machine = {**machine_info(params.device), **versions()}
+    machine = {**machine_info(params.device), **versions(params.impls)}
 
     def say(text: str) -> None:
         print(text, flush=True)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pretrain"  # tests/unit/ -> the
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    {"errors", "config", "run_files", "tracking"},
+    {"errors", "extras", "config", "run_files", "tracking"},
     {"ops", "alibi", "attention"},  # alibi.py and attention.py: the public library names, re-exported from ops
     {"model"},
     {"parallel"},

@@ -16,7 +16,7 @@ from pretrain.export import run as export_run
 from pretrain.export.run import plan_export, run_export
 from pretrain.model.gpt import GPT
 from pretrain.parallel.distributed import DistContext
-from tests.data_fixtures import stdlib_texts
+from data_fixtures import stdlib_texts
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 600
