@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import stdlib_texts
 from safetensors.torch import load_file, save_file
 
 from pretrain.config import Config, DataConfig, ExportConfig, ModelConfig
@@ -16,7 +17,6 @@ from pretrain.export import run as export_run
 from pretrain.export.run import plan_export, run_export
 from pretrain.model.gpt import GPT
 from pretrain.parallel.distributed import DistContext
-from data_fixtures import stdlib_texts
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 600

@@ -3,12 +3,12 @@
 
 import pytest
 import sentencepiece as spm
+from data_fixtures import stdlib_texts
 
 from pretrain.data.tokenizer import train_tokenizer
 from pretrain.errors import PipelineError
 from pretrain.export.run import EDGE_TEXTS
 from pretrain.export.tokenizer import build_tokenizer, check_same_encoding, write_tokenizer
-from data_fixtures import stdlib_texts
 
 
 @pytest.fixture(scope="module")
