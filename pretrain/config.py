@@ -151,6 +151,22 @@ class ModelConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``data.slurm.*``: the array job that runs prepare's work units under ``data.executor=slurm``."""
+
+    partition: Optional[str] = None
+    time: str = "04:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    qos: Optional[str] = None
+    job_name: str = "pretrain-prepare"
+    # Shell lines run before each task (e.g. "source .venv/bin/activate").
+    env_command: Optional[str] = None
+    # Other sbatch options, e.g. {account: myproject}.
+    sbatch_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class SourceConfig:
     """One entry of ``data.sources`` (``data=mix``): a corpus of its own and its weight in the mixture.
 
@@ -299,8 +315,18 @@ class DataConfig:
     tokenizer_sample_chars: int = 20_000_000
     # Where prepared corpora land, one directory per fingerprint of the inputs (relative: to the cwd).
     cache_dir: str = "data"
-    # Processes that tokenize (datasets' map num_proc); threads for a stream and for tokenizer training.
+    # Processes of the split pass (datasets' map num_proc); threads for tokenizer training.
     num_proc: int = 2
+    # Where prepare's work units run: local (data.workers processes here) or slurm (a datatrove array job).
+    executor: str = "local"
+    # Local processes that tokenize the work units (null: every core this process may use).
+    workers: Optional[int] = None
+    # Characters of text per work unit (about bytes for mostly-ASCII text). Units are cut by the inputs alone, so
+    # any number of workers writes the same shards; one unit is one shard of each split.
+    unit_bytes: int = 128 * 2**20
+    # data.executor=slurm: array tasks (each takes every data.tasks-th unit) and their sbatch settings.
+    tasks: int = 64
+    slurm: SlurmConfig = field(default_factory=lambda: SlurmConfig())
     # data=mix: the sources and their weights, e.g. [{kind: stdlib, weight: 0.3}, {kind: files, paths: [long/*.txt],
     # weight: 0.7}] (each entry: SourceConfig's keys); the checks below turn them into SourceConfig entries.
     sources: list[Any] = field(default_factory=list)
@@ -322,6 +348,11 @@ class DataConfig:
             # byte fallback alone takes 256 pieces, plus the special tokens
             raise ConfigError(f"data.vocab_size={self.vocab_size} is not allowed; it must be >= 260")
         check_positive("data.num_proc", self.num_proc)
+        check_choice("data.executor", self.executor, ("local", "slurm"))
+        if self.workers is not None:
+            check_positive("data.workers", self.workers)
+        check_positive("data.unit_bytes", self.unit_bytes)
+        check_positive("data.tasks", self.tasks)
         check_positive("data.tokenizer_sample_chars", self.tokenizer_sample_chars)
         if self.max_documents is not None:
             check_positive("data.max_documents", self.max_documents)

@@ -9,7 +9,7 @@ from pretrain.config import Config, DataConfig
 from pretrain.data.corpus import stdlib_files, stdlib_root
 
 # Small enough to prepare in about a second, large enough for a 512-piece vocabulary.
-SMALL = {"max_files": 30, "vocab_size": 512, "num_proc": 1, "tokenizer_sample_chars": 300_000}
+SMALL = {"max_files": 30, "vocab_size": 512, "num_proc": 1, "workers": 1, "tokenizer_sample_chars": 300_000}
 
 
 def data_config(tmp_path: Path, **overrides) -> DataConfig:
@@ -60,12 +60,28 @@ def code_rows(count: int, start: int = 0, field: str = "text") -> list[dict]:
 
 
 def complete_corpora(cache_dir: Path) -> list[Path]:
-    """Directories under ``cache_dir`` that look like a complete prepared corpus (they hold meta.json)."""
+    """Directories under ``cache_dir`` that look like a complete prepared corpus (they hold manifest.json)."""
     if not cache_dir.exists():
         return []
-    return sorted(p.parent for p in cache_dir.glob("*/meta.json"))
+    return sorted(p.parent for p in cache_dir.glob("*/manifest.json"))
 
 
 def leftovers(cache_dir: Path) -> list[Path]:
-    """Temporary build directories left in ``cache_dir``."""
-    return sorted(cache_dir.glob(".tmp-*")) if cache_dir.exists() else []
+    """Build directories (kept for a resume) and temporary files left in ``cache_dir``."""
+    if not cache_dir.exists():
+        return []
+    return sorted([*cache_dir.glob(".build-*"), *cache_dir.glob(".tmp-*")])
+
+
+def corpus_files(directory: Path) -> dict[str, bytes]:
+    """Every file of a prepared corpus that its manifest lists, plus the manifest's shard list: what two builds of
+    the same inputs must agree on byte for byte."""
+    import json
+
+    from pretrain.data.manifest import listed_files
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    files = {name: (directory / name).read_bytes() for name in listed_files(manifest)}
+    files["splits"] = json.dumps(manifest["splits"], sort_keys=True).encode()
+    files["sources"] = json.dumps(manifest.get("sources"), sort_keys=True).encode()
+    return files

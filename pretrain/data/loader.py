@@ -1,9 +1,12 @@
-"""The training data loader: shuffled windows of ``seq_len + 1`` tokens from a packed shard, resumable.
+"""The training data loader: shuffled windows of ``seq_len + 1`` tokens from a split's shards, resumable.
 
-Each epoch cuts the train shard into ``n_windows`` windows starting at ``offset + k * seq_len`` (the offset,
-drawn per epoch, moves window boundaries between epochs) and visits them in a permuted order; both come
-from ``(seed, epoch)`` alone. A global batch is the next ``micro_batch_size * dp_size`` windows of that
-order, and data-parallel rank r of n takes every n-th of them, so ranks read disjoint windows. A window
+Each epoch cuts every shard of the train split into windows starting at ``offset + k * seq_len`` (the offset,
+drawn per epoch, moves window boundaries between epochs; a window never crosses a shard's end), numbers them
+across shards, and visits them in the order of a keyed bijection of those numbers (``pretrain.data.shuffle``):
+both come from ``(seed, epoch)`` alone, and nothing per window is stored, so memory per rank is O(shards) and the
+first batch is ready at once whatever the corpus's size. Shards are memory-mapped without readahead. A global
+batch is the next ``micro_batch_size * dp_size`` windows of that order, and data-parallel rank r of n takes every
+n-th of them, so ranks read disjoint windows. A window
 ``w`` gives ``inputs = w[:-1]`` and ``targets = w[1:]``; windows run across document boundaries (EOS
 separates documents), as in GPT-2.
 
@@ -27,10 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.data.shards import open_shard
+from pretrain.data.shards import ShardSet
+from pretrain.data.shuffle import permute
 from pretrain.errors import PipelineError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Keeps the loader's bijections apart from other users of the same seed.
+WINDOW_STREAM = 0x77696E
 
 
 def shard_checksum(tokens: np.ndarray) -> str:
@@ -42,65 +48,104 @@ def shard_checksum(tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def as_shards(tokens: ShardSet | str | Path, dtype: str) -> ShardSet:
+    """A split given as its ShardSet, or one shard file (as ``np.memmap`` reads it)."""
+    if isinstance(tokens, ShardSet):
+        return tokens
+    size = Path(tokens).stat().st_size // np.dtype(dtype).itemsize
+    return ShardSet([(Path(tokens), size)], dtype, random_access=True)
+
+
+def cheap_identity(shards: ShardSet) -> str:
+    """An identity of a split read from a few tokens of each shard (the manifest's SHA-256s are the strong one)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for index in range(len(shards.paths)):
+        digest.update(shard_checksum(shards.shard(index)).encode())
+    return digest.hexdigest()
+
+
+class _Windows:
+    """The windows of a split: per shard ``max(0, (size - seq_len) // seq_len)`` of them (room for any offset in
+    ``[0, seq_len)``), numbered across shards in order."""
+
+    def __init__(self, shards: ShardSet, seq_len: int) -> None:
+        self.shards = shards
+        self.seq_len = seq_len
+        per_shard = np.maximum(0, (shards.sizes - seq_len) // seq_len)
+        self.first = np.zeros(len(per_shard) + 1, dtype=np.int64)
+        np.cumsum(per_shard, out=self.first[1:])
+        self.count = int(self.first[-1])
+
+    def read(self, numbers: np.ndarray, offset: int) -> list[np.ndarray]:
+        """Windows ``numbers`` (``seq_len + 1`` tokens each) for an epoch whose windows start at ``offset``."""
+        shard = np.searchsorted(self.first, numbers, side="right") - 1
+        starts = offset + (numbers - self.first[shard]) * self.seq_len
+        return [
+            self.shards.shard(int(i))[int(s) : int(s) + self.seq_len + 1] for i, s in zip(shard, starts, strict=True)
+        ]
+
+
+def epoch_offset(key: list[int], seq_len: int) -> int:
+    return int(np.random.default_rng(key).integers(seq_len))
+
+
 class TokenWindowLoader:
-    """Endless, deterministic, resumable batches ``(inputs, targets)``, each int64 ``[micro_batch_size, seq_len]``."""
+    """Endless, deterministic, resumable batches ``(inputs, targets)``, each int64 ``[micro_batch_size, seq_len]``.
+
+    ``tokens`` is the train split (a ShardSet, or one shard's path); ``identity`` names it in the state, so that a
+    restore onto other data is refused (the training loop passes the manifest's digest of the split)."""
 
     def __init__(
         self,
-        shard_path: str | Path,
+        tokens: ShardSet | str | Path,
         dtype: str,
         seq_len: int,
         micro_batch_size: int,
         seed: int,
         dp_rank: int = 0,
         dp_size: int = 1,
+        identity: str | None = None,
     ) -> None:
         assert 0 <= dp_rank < dp_size, f"dp_rank={dp_rank} is outside dp_size={dp_size}"
-        self.tokens = open_shard(shard_path, dtype)
-        self.shard_path = Path(shard_path)
+        self.shards = as_shards(tokens, dtype)
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.seed = seed
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        # Room for any offset in [0, seq_len): offset + n_windows * seq_len + 1 <= n_tokens.
-        self.n_windows = max(0, (len(self.tokens) - seq_len) // seq_len)
+        self.windows = _Windows(self.shards, seq_len)
+        self.n_windows = self.windows.count
+        self.n_tokens = len(self.shards)
         self.windows_per_step = micro_batch_size * dp_size
         if self.n_windows < self.windows_per_step:
+            where = self.shards.paths[0].parent if self.shards.paths else "the train split"
             raise PipelineError(
-                f"the train shard {self.shard_path} holds {len(self.tokens):,} tokens: too few for one batch of "
-                f"{micro_batch_size} (train.micro_batch_size) x {dp_size} (data-parallel ranks) windows of "
-                f"{seq_len + 1} tokens (model.seq_len + 1); use a larger corpus or smaller sizes"
+                f"the train split ({where}) holds {self.n_tokens:,} tokens in {len(self.shards.paths)} shard(s): too "
+                f"few for one batch of {micro_batch_size} (train.micro_batch_size) x {dp_size} (data-parallel ranks) "
+                f"windows of {seq_len + 1} tokens (model.seq_len + 1); use a larger corpus or smaller sizes"
             )
-        self.checksum = shard_checksum(self.tokens)
+        self.checksum = identity if identity is not None else cheap_identity(self.shards)
         self.epoch = 0
         self.consumed = 0  # windows of this epoch taken by all ranks together
-        self._plan_epoch: int | None = None
-        self._plan: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.int64))
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches each rank gets per epoch; the windows left over at an epoch's end are skipped."""
         return self.n_windows // self.windows_per_step
 
-    def epoch_plan(self, epoch: int) -> tuple[int, np.ndarray]:
-        """(offset, order): where windows start this epoch, and the order ``[n_windows]`` they are visited in."""
-        if self._plan_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            offset = int(rng.integers(self.seq_len))
-            self._plan = (offset, rng.permutation(self.n_windows))
-            self._plan_epoch = epoch
-        return self._plan
+    def epoch_order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The window numbers visited at ``positions`` of epoch ``epoch`` (a bijection of ``0 .. n_windows - 1``)."""
+        return permute(positions, self.n_windows, (self.seed, WINDOW_STREAM, epoch))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next ``(inputs, targets)``, int64 ``[micro_batch_size, seq_len]``."""
         if self.consumed + self.windows_per_step > self.n_windows:
             self.epoch, self.consumed = self.epoch + 1, 0
-        offset, order = self.epoch_plan(self.epoch)
-        step = order[self.consumed : self.consumed + self.windows_per_step]
-        starts = offset + step[self.dp_rank :: self.dp_size] * self.seq_len
+        positions = np.arange(self.consumed, self.consumed + self.windows_per_step)[self.dp_rank :: self.dp_size]
+        numbers = self.epoch_order(self.epoch, positions)
+        offset = epoch_offset([self.seed, self.epoch], self.seq_len)
         self.consumed += self.windows_per_step
-        return inputs_and_targets([self.tokens[s : s + self.seq_len + 1] for s in starts])
+        return inputs_and_targets(self.windows.read(numbers, offset))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -114,28 +159,36 @@ class TokenWindowLoader:
             "epoch": self.epoch,
             "consumed": self.consumed,
             "seq_len": self.seq_len,
-            "n_tokens": len(self.tokens),
+            "n_tokens": self.n_tokens,
             "checksum": self.checksum,
             "micro_batch_size": self.micro_batch_size,
             "dp_size": self.dp_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; a state of another shard, seed or seq_len raises a ValueError naming it."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        """Continue from ``state``; a state of another split, seed or seq_len raises a ValueError naming it."""
+        check_version(state)
         check_same_stream(
             state,
             self.state_dict(),
             (
-                ("n_tokens", "a different train shard (another corpus or tokenizer)"),
-                ("checksum", "a different train shard (another corpus or tokenizer)"),
+                ("n_tokens", "a different train split (another corpus or tokenizer)"),
+                ("checksum", "a different train split (another corpus or tokenizer)"),
                 ("seq_len", "another model.seq_len"),
                 ("seed", "another train.seed"),
             ),
         )
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
+
+
+def check_version(state: dict[str, Any]) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"cannot resume the data loader: its state is of version {state.get('version')!r}, this version reads "
+            f"{STATE_VERSION} (the loader of sharded corpora visits windows in another order); start a new run from "
+            "the weights with train.init_from"
+        )
 
 
 def inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +209,7 @@ def check_same_stream(saved: dict[str, Any], mine: dict[str, Any], keys) -> None
 
 
 def val_batches(
-    shard_path: str | Path,
+    shard_path: ShardSet | str | Path,
     dtype: str,
     seq_len: int,
     micro_batch_size: int,
@@ -167,12 +220,12 @@ def val_batches(
     """The validation shard in order: consecutive windows ``[k * seq_len, (k + 1) * seq_len + 1)`` in batches of
     ``micro_batch_size``; batch b goes to rank ``b % dp_size``. Every rank gets the same number of batches
     (at most ``max_batches``). Yields int64 ``(inputs, targets)``, each ``[micro_batch_size, seq_len]``."""
-    tokens = open_shard(shard_path, dtype)
+    tokens = as_shards(shard_path, dtype)
     n_windows = max(0, (len(tokens) - 1) // seq_len)
     per_rank = n_windows // micro_batch_size // dp_size
     if per_rank == 0:
         raise PipelineError(
-            f"the validation shard {shard_path} holds {len(tokens):,} tokens: too few for one batch of "
+            f"the validation split ({_where(tokens)}) holds {len(tokens):,} tokens: too few for one batch of "
             f"{micro_batch_size} x {dp_size} windows of {seq_len + 1} tokens; raise data.val_fraction or lower "
             "the batch size"
         )
@@ -181,9 +234,13 @@ def val_batches(
     for i in range(per_rank):
         first = (i * dp_size + dp_rank) * micro_batch_size
         starts = (first + np.arange(micro_batch_size)) * seq_len
-        windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+        windows = np.stack([tokens[int(s) : int(s) + seq_len + 1] for s in starts]).astype(np.int64)
         batch = torch.from_numpy(windows)
         yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def _where(shards: ShardSet) -> str:
+    return str(shards.paths[0].parent) if shards.paths else "no shards"
 
 
 # ---------------------------------------------------------------- weighted mixtures (data=mix)
@@ -196,27 +253,19 @@ MIX_STREAM = 0x6D6978
 
 class _SourceWindows:
     """The endless window stream of one source: window ``j`` is in epoch ``j // n_windows``, whose windows start at a
-    per-epoch offset plus ``seq_len`` times a per-epoch permutation, both from ``(seed, source, epoch)``."""
+    per-epoch offset and are visited in the order of a per-epoch bijection, both from ``(seed, source, epoch)``."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, index: int) -> None:
-        self.tokens = tokens
+    def __init__(self, shards: ShardSet, seq_len: int, seed: int, index: int) -> None:
+        self.shards = shards
         self.seq_len = seq_len
         self.key = [seed, MIX_STREAM, index]
-        self.n_windows = max(0, (len(tokens) - seq_len) // seq_len)
-        self._plans: dict[int, tuple[int, np.ndarray]] = {}
-
-    def plan(self, epoch: int) -> tuple[int, np.ndarray]:
-        if epoch not in self._plans:
-            if len(self._plans) > 2:  # a batch spans at most two epochs of a source that holds a window
-                self._plans.clear()
-            rng = np.random.default_rng([*self.key, epoch])
-            self._plans[epoch] = (int(rng.integers(self.seq_len)), rng.permutation(self.n_windows))
-        return self._plans[epoch]
+        self.windows = _Windows(shards, seq_len)
+        self.n_windows = self.windows.count
 
     def window(self, j: int) -> np.ndarray:
-        offset, order = self.plan(j // self.n_windows)
-        start = offset + int(order[j % self.n_windows]) * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1]
+        epoch, position = divmod(j, self.n_windows)
+        number = permute(position, self.n_windows, (*self.key, epoch))
+        return self.windows.read(number, epoch_offset([*self.key, epoch], self.seq_len))[0]
 
 
 class MixtureLoader:
@@ -231,13 +280,14 @@ class MixtureLoader:
 
     def __init__(
         self,
-        sources: list[tuple[str, str | Path, float]],
+        sources: list[tuple[str, ShardSet | str | Path, float]],
         dtype: str,
         seq_len: int,
         micro_batch_size: int,
         seed: int,
         dp_rank: int = 0,
         dp_size: int = 1,
+        identities: list[str] | None = None,
     ) -> None:
         assert 0 <= dp_rank < dp_size, f"dp_rank={dp_rank} is outside dp_size={dp_size}"
         self.labels = [label for label, _, _ in sources]
@@ -254,18 +304,21 @@ class MixtureLoader:
         self.windows_per_step = micro_batch_size * dp_size
         self.streams = []
         for index, (label, path, weight) in enumerate(sources):
-            stream = _SourceWindows(open_shard(path, dtype), seq_len, seed, index)
+            stream = _SourceWindows(as_shards(path, dtype), seq_len, seed, index)
             if weight > 0 and stream.n_windows == 0:
                 raise PipelineError(
-                    f"the train shard of source {label!r} ({path}) holds {len(stream.tokens):,} tokens: too few for "
+                    f"the train split of source {label!r} ({_where(stream.shards)}) holds {len(stream.shards):,} "
+                    "tokens: too few for "
                     f"one window of {seq_len + 1} tokens (model.seq_len + 1); give it more documents or weight 0"
                 )
             self.streams.append(stream)
+        if identities is None:
+            identities = [cheap_identity(stream.shards) for stream in self.streams]
         digest = hashlib.blake2b(digest_size=8)
-        for label, stream, weight in zip(self.labels, self.streams, self.weights, strict=True):
-            digest.update(f"{label}:{weight!r}:{shard_checksum(stream.tokens)};".encode())
+        for label, identity, weight in zip(self.labels, identities, self.weights, strict=True):
+            digest.update(f"{label}:{weight!r}:{identity};".encode())
         self.checksum = digest.hexdigest()
-        self.n_tokens = sum(len(stream.tokens) for stream in self.streams)
+        self.n_tokens = sum(len(stream.shards) for stream in self.streams)
         self.position = 0  # windows the whole job has drawn
         self.drawn = np.zeros(len(sources), dtype=np.int64)  # of those, from each source
         self._block: tuple[int, np.ndarray] | None = None
@@ -323,8 +376,7 @@ class MixtureLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; a state of another mixture, seed or seq_len raises a ValueError naming it."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        check_version(state)
         if state.get("kind") != "mixture":
             raise ValueError("cannot resume the data loader: the checkpoint was trained on one corpus, not a mixture")
         check_same_stream(
@@ -348,9 +400,12 @@ def train_loader(
 ) -> TokenWindowLoader | MixtureLoader:
     """The training loader of a prepared corpus: a MixtureLoader over a mixture's sources, else a TokenWindowLoader."""
     if corpus.sources:
-        sources = [(source.label, source.train_path, source.weight) for source in corpus.sources]
-        return MixtureLoader(sources, corpus.dtype, seq_len, micro_batch_size, seed, dp_rank, dp_size)
-    return TokenWindowLoader(corpus.train_path, corpus.dtype, seq_len, micro_batch_size, seed, dp_rank, dp_size)
+        sources = [(source.label, source.train, source.weight) for source in corpus.sources]
+        identities = [source.identity for source in corpus.sources]
+        return MixtureLoader(sources, corpus.dtype, seq_len, micro_batch_size, seed, dp_rank, dp_size, identities)
+    return TokenWindowLoader(
+        corpus.train, corpus.dtype, seq_len, micro_batch_size, seed, dp_rank, dp_size, corpus.split_digest("train")
+    )
 
 
 class ValidationSplits:
@@ -371,14 +426,14 @@ class ValidationSplits:
         dp_size: int = 1,
     ) -> None:
         if corpus.sources:
-            self.splits = [(source.label, source.weight, source.val_path) for source in corpus.sources]
+            self.splits = [(source.label, source.weight, source.val) for source in corpus.sources]
         else:
-            self.splits = [(None, 1.0, corpus.val_path)]
+            self.splits = [(None, 1.0, corpus.val)]
         self.arguments = (corpus.dtype, seq_len, micro_batch_size, max_batches, dp_rank, dp_size)
         for _, _, path in self.splits:
             next(self.batches(path))
 
-    def batches(self, path: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, path: ShardSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return val_batches(path, *self.arguments)
 
     def losses(self, score) -> tuple[float, dict[str, float]]:

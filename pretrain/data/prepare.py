@@ -1,29 +1,32 @@
-"""The prepare stage: corpus -> sentencepiece tokenizer -> packed token shards, cached by a fingerprint of the inputs.
+"""The prepare stage: corpus -> sentencepiece tokenizer -> a folder of token shards, cached by a fingerprint of inputs.
 
 A prepared corpus is a directory ``<data.cache_dir>/<source>-<fingerprint[:16]>/`` holding
 
+    manifest.json          every shard (path, tokens, documents, SHA-256), split totals, dtype, vocabulary, the
+                           tokenizer's SHA-256, the format version (``pretrain.data.manifest``); written last
     spm.model, spm.vocab   the tokenizer (trained on a sample of the train split, or a copy of data.tokenizer)
-    train.bin, val.bin     packed token shards (pretrain.data.shards): every document followed by one EOS
-    val_docs.npy           [val documents + 1] int64 offsets of the validation documents in val.bin
+    train/NNNNN.bin        token shards, one per work unit (``pretrain.data.units``): every document followed by
+    val/NNNNN.bin          one EOS, each with NNNNN.docs.npy (its documents' offsets) beside it
+    sources/<label>/...    data=mix: train/ and val/ of each source
     inputs.json            everything the fingerprint was computed from (file sizes and mtimes, settings)
-    meta.json              vocab size, dtype, special ids, documents and tokens per split; written last
 
-The fingerprint covers the inputs (file list with sizes and mtimes; or the hub name, config, split and data
-files), the split (``val_fraction``, ``max_documents``/``max_files``) and the tokenizer (vocab size, type,
-sample size, trainer options; or the given model's sha256). Unchanged inputs reuse the directory at once;
-anything changed lands in a new one. The directory is built under a temporary name beside it and renamed
-into place at the end, so a killed prepare never leaves a directory that looks complete. In a multi-rank
-run rank 0 prepares while the other ranks wait, then they all read the same directory.
+The build happens in ``.build-<name>/`` beside it, which survives a kill: run again, the same command keeps the
+tokenizer and every unit already done and builds the rest, then renames the folder into place; the result is
+byte-identical to an uninterrupted build, whatever the number of workers. One prepare of a corpus at a time holds
+``.<name>.lock``; another waits for it and then reuses its result. A complete corpus is verified against its
+manifest's SHA-256s before it is reused (``manifest.verify``; files already verified cost a ``stat``).
+
+In a multi-rank run rank 0 prepares while the other ranks wait on a file, not on a collective, so a prepare of
+any length never meets the process group's timeout (``parallel.distributed.run_on_main``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,123 +37,133 @@ import numpy as np
 
 from pretrain.config import Config, DataConfig
 from pretrain.data.corpus import describe_inputs, hash_batch, load_documents, split_flags, split_hash
-from pretrain.data.shards import ShardWriter, open_shard, token_dtype
-from pretrain.data.tokenizer import (
-    TRAINER_OPTIONS,
-    DocumentTokenizer,
-    load_tokenizer,
-    special_ids,
-    train_tokenizer,
+from pretrain.data.executors import DATATROVE_DIR, run_units
+from pretrain.data.manifest import (
+    FORMAT_VERSION,
+    check_vocabulary,
+    read_manifest,
+    record_verified,
+    split_digest,
+    verify,
+    write_manifest,
+)
+from pretrain.data.shards import ShardSet, token_dtype
+from pretrain.data.tokenizer import TRAINER_OPTIONS, load_tokenizer, special_ids, train_tokenizer
+from pretrain.data.units import (
+    UNITS_DIR,
+    Unit,
+    UnitJob,
+    plan_row_units,
+    plan_stream_units,
+    remove_leftovers,
 )
 from pretrain.errors import PipelineError
-from pretrain.parallel.distributed import pid_alive, run_on_main
+from pretrain.parallel.distributed import run_on_main
 from pretrain.run_files import RunFiles, file_sha256, write_atomic
 
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
 TOKENIZER_FILE = "spm.model"
 # data=mix: each source's shards in sources/<label>/.
 SOURCES_DIR = "sources"
-# Documents per batch while tokenizing and writing shards.
-BATCH_DOCS = 1000
+WORK_DIR = "work"
+TOKENIZER_DONE = "tokenizer.done"
 
 
 @dataclass(frozen=True)
 class SourceShards:
-    """One source of a prepared mixture (``data=mix``): its label, weight and shards."""
+    """One source of a prepared mixture (``data=mix``): its label, weight and splits."""
 
     label: str
     kind: str
     weight: float
-    train_path: Path
-    val_path: Path
-    val_docs_path: Path
+    train: ShardSet
+    val: ShardSet
+    identity: str  # the train split's digest over its shards' SHA-256s
 
 
 @dataclass(frozen=True)
 class PreparedCorpus:
-    """A complete prepared-corpus directory; ``metadata`` is its ``meta.json``.
+    """A complete prepared-corpus directory; ``manifest`` is its ``manifest.json``.
 
-    A mixture (``data=mix``) has ``sources``, each with its own shards, and no train shard of its own
-    (``train_path`` is None); its ``val_path`` holds every source's validation documents, source after source."""
+    A mixture (``data=mix``) has ``sources``, each with its own splits, and no train split of its own (``train`` is
+    None); its ``val`` holds every source's validation shards, source after source."""
 
     directory: Path
     tokenizer_path: Path
-    train_path: Path | None
-    val_path: Path
-    val_docs_path: Path
+    train: ShardSet | None
+    val: ShardSet
     dtype: str
     vocab_size: int
-    metadata: dict[str, Any] = field(repr=False)
+    manifest: dict[str, Any] = field(repr=False)
     sources: tuple[SourceShards, ...] = ()
 
-    def tokens(self, split: str) -> np.ndarray:
-        """The split's shard as a read-only memmap ``[n_tokens]`` (``split`` is ``train`` or ``val``)."""
-        if split == "train" and self.train_path is None:
-            raise PipelineError(f"the mixture {self.directory} has a train shard per source (corpus.sources)")
-        return open_shard(self.train_path if split == "train" else self.val_path, self.dtype)
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.manifest
+
+    def tokens(self, split: str) -> ShardSet:
+        """The split as one stream of tokens (``len``, slices); ``split`` is ``train`` or ``val``."""
+        if split == "train" and self.train is None:
+            raise PipelineError(f"the mixture {self.directory} has a train split per source (corpus.sources)")
+        return self.train if split == "train" else self.val
 
     def val_documents(self) -> Iterator[np.ndarray]:
-        """The validation documents in order, each ``[n_tokens]`` ending in EOS (views into the memmap)."""
-        tokens = self.tokens("val")
-        offsets = np.load(self.val_docs_path)
-        for start, end in zip(offsets[:-1], offsets[1:], strict=True):
-            yield tokens[start:end]
+        """The validation documents in order, each ``[n_tokens]`` ending in EOS."""
+        return self.val.documents()
+
+    def split_digest(self, split: str) -> str:
+        """The identity of a split (over its shards' SHA-256s): what a resume compares."""
+        if split == "train" and self.sources:
+            digest = hashlib.sha256()
+            for source in self.manifest["sources"]:
+                digest.update(f"{source['label']}:{split_digest(source['splits']['train'])};".encode())
+            return digest.hexdigest()
+        return split_digest(self.manifest["splits"][split])
 
     @classmethod
     def open(cls, directory: Path) -> PreparedCorpus | None:
-        """The corpus in ``directory`` if it is complete (meta.json written, shard sizes as recorded), else None."""
-        try:
-            meta = json.loads((directory / META_FILE).read_text())
-        except (OSError, ValueError):
+        """The corpus in ``directory`` if its manifest is there (complete), else None. Nothing is verified here."""
+        manifest = read_manifest(directory)
+        if manifest is None:
             return None
-        if meta.get("format") != FORMAT_VERSION:
-            return None
-        train_file = meta["splits"]["train"]["file"]
+        dtype = manifest["dtype"]
+
+        def shards(entry: dict | None, random_access: bool = False) -> ShardSet | None:
+            if entry is None:
+                return None
+            listed = [(directory / shard["path"], shard["tokens"]) for shard in entry["shards"]]
+            return ShardSet(listed, dtype, random_access=random_access)
+
         sources = tuple(
             SourceShards(
                 label=source["label"],
                 kind=source["kind"],
                 weight=source["weight"],
-                train_path=directory / source["splits"]["train"]["file"],
-                val_path=directory / source["splits"]["val"]["file"],
-                val_docs_path=directory / source["splits"]["val"]["boundaries"],
+                train=shards(source["splits"]["train"], random_access=True),
+                val=shards(source["splits"]["val"]),
+                identity=split_digest(source["splits"]["train"]),
             )
-            for source in meta.get("sources", ())
+            for source in manifest.get("sources", ())
         )
-        corpus = cls(
+        return cls(
             directory=directory,
-            tokenizer_path=directory / TOKENIZER_FILE,
-            train_path=None if train_file is None else directory / train_file,
-            val_path=directory / meta["splits"]["val"]["file"],
-            val_docs_path=directory / meta["splits"]["val"]["boundaries"],
-            dtype=meta["dtype"],
-            vocab_size=meta["vocab_size"],
-            metadata=meta,
+            tokenizer_path=directory / manifest["tokenizer"]["file"],
+            train=shards(manifest["splits"].get("train"), random_access=True),
+            val=shards(manifest["splits"]["val"]),
+            dtype=dtype,
+            vocab_size=manifest["vocab_size"],
+            manifest=manifest,
             sources=sources,
         )
-        itemsize = np.dtype(corpus.dtype).itemsize
-        shards = [(corpus.val_path, meta["splits"]["val"]["tokens"])]
-        if corpus.train_path is not None:
-            shards.append((corpus.train_path, meta["splits"]["train"]["tokens"]))
-        for shard, recorded in zip(sources, meta.get("sources", ()), strict=True):
-            splits = recorded["splits"]
-            shards += [(shard.train_path, splits["train"]["tokens"]), (shard.val_path, splits["val"]["tokens"])]
-            if not shard.val_docs_path.is_file():
-                return None
-        for path, tokens in shards:
-            if not path.is_file() or path.stat().st_size != tokens * itemsize:
-                return None
-        if not corpus.tokenizer_path.is_file() or not corpus.val_docs_path.is_file():
-            return None
-        return corpus
 
 
 # ---------------------------------------------------------------- fingerprint and location
 
 
 def fingerprint_inputs(data: DataConfig) -> tuple[str, dict[str, Any]]:
-    """(sha256 hex, the description it hashes): the inputs, the split and the tokenizer settings."""
+    """(sha256 hex, the description it hashes): the inputs, the split and the tokenizer settings.
+
+    How the work is cut and run (``data.unit_bytes``, ``data.workers``, ``data.executor``) is not part of it: the
+    tokens are the same, and a corpus prepared one way is reused by the other."""
     if data.tokenizer:
         path = Path(data.tokenizer).expanduser()
         if not path.is_file():
@@ -216,7 +229,8 @@ def run_prepare(cfg: Config, ctx, install: bool = True) -> PreparedCorpus:
     """Prepare (or reuse) the corpus on rank 0 while other ranks wait; with ``install``, copy its tokenizer into the
     run directory (a stage that checks the run first installs it itself, ``install_tokenizer``).
 
-    Every rank returns the same PreparedCorpus. A failure on rank 0 is raised on every rank.
+    Every rank returns the same PreparedCorpus. A failure on rank 0 is raised on every rank. The other ranks wait on
+    a status file in ``data.cache_dir`` (which every node must share), not on a collective with a time limit.
     """
     prepared: list[PreparedCorpus] = []  # rank 0's, kept rather than read back
 
@@ -227,7 +241,8 @@ def run_prepare(cfg: Config, ctx, install: bool = True) -> PreparedCorpus:
         prepared.append(corpus)
         return str(corpus.directory)
 
-    detail = run_on_main(ctx, prepare, "prepare the corpus")
+    cache = Path(cfg.data.cache_dir).expanduser().resolve()
+    detail = run_on_main(ctx, prepare, "prepare the corpus", wait_dir=cache, waiting="the corpus to be prepared")
     if ctx.is_main:
         return prepared[0]
     corpus = PreparedCorpus.open(Path(detail))
@@ -253,53 +268,47 @@ def install_tokenizer(corpus: PreparedCorpus, run_dir: str | Path) -> Path:
 
 
 def prepare_corpus(data: DataConfig, verbose: bool = True) -> PreparedCorpus:
-    """Reuse the prepared corpus for these inputs, or build it (in this process)."""
+    """Reuse the prepared corpus for these inputs (verified against its manifest), or build it (resuming a build a
+    killed prepare left)."""
     fingerprint, description = fingerprint_inputs(data)
     final = corpus_dir(data, fingerprint)
-    corpus = PreparedCorpus.open(final)
+    corpus = _reuse(final, verbose)
     if corpus is not None:
-        if verbose:
-            meta = corpus.metadata
-            _say(
-                f"reusing the prepared corpus at {final} (inputs unchanged; {_docs_total(meta):,} documents, "
-                f"{_tokens_total(meta) / 1e6:.2f}M tokens)"
-            )
         return corpus
-    if final.exists():
-        _say(f"removing the incomplete prepared corpus at {final}")
-        shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(final.parent)
-    build = final.parent / f".tmp-{final.name}-{_host()}-{os.getpid()}"
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir()
-    try:
+    with _corpus_lock(final):
+        corpus = _reuse(final, verbose)  # another prepare may have finished it while this one waited
+        if corpus is not None:
+            return corpus
+        if final.exists():
+            aside = final.with_name(f"{final.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(final, aside)
+            _say(f"{final} has no manifest (not a complete prepared corpus); moved it aside to {aside}")
+        _note_old_format(final.parent)
+        build = final.parent / f".build-{final.name}"
+        build.mkdir(exist_ok=True)
+        removed = remove_leftovers(build)
+        if removed:
+            _say(f"removed {removed} temporary files a stopped prepare left in {build}")
         started = time.perf_counter()
-        meta = _build(data, fingerprint, build)
-        if "mixture" in description:
-            meta["inputs"] = {
-                "sources": [
-                    {"label": part["label"], "weight": part["weight"], **_summarize_inputs(part["inputs"])}
-                    for part in description["mixture"]
-                ]
-            }
-        else:
-            meta["inputs"] = _summarize_inputs(description["inputs"])
-        meta["seconds"]["total"] = round(time.perf_counter() - started, 3)
-        (build / "inputs.json").write_text(json.dumps(description, indent=1, sort_keys=True, default=str))
-        # meta.json last: a directory without it is never taken for a complete corpus.
-        (build / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        shutil.rmtree(build / "work", ignore_errors=True)
         try:
-            os.rename(build, final)
-        except OSError:
-            # Another process finished the same corpus first: keep theirs.
-            if PreparedCorpus.open(final) is None:
-                raise
-            shutil.rmtree(build, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+            manifest = _build(data, fingerprint, description, build)
+        except BaseException:
+            if not _holds_finished_work(build):
+                shutil.rmtree(build, ignore_errors=True)  # nothing worth resuming (bad input found early)
+            else:
+                _say(f"the work done so far is kept in {build}: the same command continues from it")
+            raise
+        manifest["seconds"]["total"] = round(time.perf_counter() - started, 3)
+        (build / "inputs.json").write_text(json.dumps(description, indent=1, sort_keys=True, default=str))
+        for scratch in (WORK_DIR, DATATROVE_DIR, UNITS_DIR, TOKENIZER_DONE):
+            _remove(build / scratch)
+        for source in manifest.get("sources", ()):
+            _remove(build / SOURCES_DIR / source["label"] / UNITS_DIR)
+        # The manifest last: a folder without it is never taken for a complete corpus.
+        write_manifest(build, manifest)
+        record_verified(build, manifest)  # hashed as they were written: a reuse need not read them again
+        os.rename(build, final)
     corpus = PreparedCorpus.open(final)
     assert corpus is not None, f"{final} is incomplete right after it was built"
     if verbose:
@@ -307,151 +316,201 @@ def prepare_corpus(data: DataConfig, verbose: bool = True) -> PreparedCorpus:
     return corpus
 
 
+def _holds_finished_work(build: Path) -> bool:
+    """Whether a stopped build has work worth keeping: a trained tokenizer or a finished unit."""
+    return (build / TOKENIZER_DONE).is_file() or any(build.rglob(f"{UNITS_DIR}/*.json"))
+
+
+def _reuse(final: Path, verbose: bool) -> PreparedCorpus | None:
+    corpus = PreparedCorpus.open(final)
+    if corpus is None:
+        return None
+    verify(final, corpus.manifest, say=_say if verbose else None)
+    check_vocabulary(final, corpus.manifest, load_tokenizer(corpus.tokenizer_path).get_piece_size())
+    if verbose:
+        manifest = corpus.manifest
+        _say(
+            f"reusing the prepared corpus at {final} (inputs unchanged; {_docs_total(manifest):,} documents, "
+            f"{_tokens_total(manifest) / 1e6:.2f}M tokens)"
+        )
+    return corpus
+
+
+class _corpus_lock:
+    """An exclusive lock on one corpus's build, held for the whole build; a second prepare waits, saying so."""
+
+    def __init__(self, final: Path) -> None:
+        self.path = final.parent / f".{final.name}.lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"another prepare of this corpus is running (lock {self.path}); waiting for it to finish")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
 # ---------------------------------------------------------------- building
 
 
-def _build(data: DataConfig, fingerprint: str, build: Path) -> dict[str, Any]:
-    work = build / "work"
-    work.mkdir()
+@dataclass
+class _Source:
+    """One source being built: its job (what its units need) and its units."""
+
+    label: str
+    kind: str
+    weight: float
+    job: UnitJob
+    units: list[Unit]
+    part: Any  # _RowsPart | _StreamPart: the split pass and the tokenizer sample
+
+
+def _build(data: DataConfig, fingerprint: str, description: dict, build: Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
+    work = build / WORK_DIR
+    work.mkdir(exist_ok=True)
     if data.source == "mix":
-        stats = _build_mixture(data, fingerprint, build, timings)
+        total_weight = sum(source.weight for source in data.sources)
+        specs = [
+            (
+                source.label,
+                source.kind,
+                source.weight,
+                source.as_data(data),
+                int(data.tokenizer_sample_chars * source.weight / total_weight),
+            )
+            for source in data.sources
+        ]
     else:
+        specs = [("", data.source, 1.0, data, data.tokenizer_sample_chars)]
+    parts = []
+    for label, kind, weight, sdata, share in specs:
         t0 = time.perf_counter()
-        dataset = load_documents(data, work)
-        timings["load"] = time.perf_counter() - t0
-        stats = _build_single(data, dataset, fingerprint, build, timings)
-    sp = load_tokenizer(build / TOKENIZER_FILE)
-    vocab_size = sp.get_piece_size()
-    meta = {
+        dataset = load_documents(sdata, work / (label or "corpus") / "hf")
+        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
+        where = f"source {label!r} ({_where(sdata)})" if label else _where(sdata)
+        t0 = time.perf_counter()
+        part = _part(sdata, dataset, work / (label or "corpus"), where)
+        timings["split"] = timings.get("split", 0.0) + time.perf_counter() - t0
+        parts.append((label, kind, weight, sdata, share, part))
+    sample_chars = _make_tokenizer(data, build, [(part, share) for *_, share, part in parts], timings)
+    tokenizer_path = build / TOKENIZER_FILE
+    vocab_size = load_tokenizer(tokenizer_path).get_piece_size()
+    sources = []
+    for label, kind, weight, _, _, part in parts:
+        out = build / SOURCES_DIR / label if label else build
+        job = UnitJob(
+            label=label,
+            build=build,
+            dataset=part.dataset,
+            is_val_path=part.is_val_path,
+            out=out,
+            tokenizer_path=tokenizer_path,
+            vocab_size=vocab_size,
+            val_fraction=data.val_fraction,
+            streaming=part.streaming,
+            n_stream_shards=part.n_stream_shards,
+            where=part.where,
+        )
+        sources.append(_Source(label, kind, weight, job, part.units(data.unit_bytes), part))
+    t0 = time.perf_counter()
+    run_units([s.job for s in sources], [s.units for s in sources], build, data, _say)
+    timings["tokenize"] = time.perf_counter() - t0
+    splits_of = [_collect(source) for source in sources]
+    manifest: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "source": data.source,
         "vocab_size": vocab_size,
         "dtype": token_dtype(vocab_size),
-        "special_ids": special_ids(sp),
-        "splits": {
-            "train": {"file": "train.bin", "documents": stats["train"].documents, "tokens": stats["train"].tokens},
-            "val": {
-                "file": "val.bin",
-                "boundaries": "val_docs.npy",
-                "documents": stats["val"].documents,
-                "tokens": stats["val"].tokens,
-            },
-        },
-        "documents_dropped_empty": stats["dropped"],
+        "special_ids": special_ids(load_tokenizer(tokenizer_path)),
         "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "sha256": file_sha256(tokenizer_path),
             "trained": data.tokenizer is None,
-            "type": data.tokenizer_type if data.tokenizer is None else sp_model_type(sp),
-            "sample_chars": stats.get("sample_chars"),
+            "type": data.tokenizer_type if data.tokenizer is None else sp_model_type(load_tokenizer(tokenizer_path)),
+            "sample_chars": sample_chars,
             "given": data.tokenizer,
-            "sha256": file_sha256(build / TOKENIZER_FILE),
         },
+        "units": sum(len(s.units) for s in sources),
+        "unit_bytes": data.unit_bytes,
+        "documents_dropped_empty": sum(dropped for _, dropped in splits_of),
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
     }
     if data.source == "mix":
-        # No train.bin of its own: each source's train shard is read by the mixture's loader.
-        meta["splits"]["train"]["file"] = None
-        meta["sources"] = stats["sources"]
-    return meta
-
-
-def _build_single(data: DataConfig, dataset, fingerprint: str, build: Path, timings: dict) -> dict[str, Any]:
-    """One corpus: split, tokenizer (trained on its sample, or given), shards in ``build``."""
-    part = _part(data, dataset, build / "work", fingerprint[:16], _where(data), timings)
-    sample_chars = _make_tokenizer(data, build, [(part, data.tokenizer_sample_chars)], timings)
-    t0 = time.perf_counter()
-    writers = _open_writers(build, build)
-    dropped = part.write(build / TOKENIZER_FILE, writers)
-    timings["tokenize"] = time.perf_counter() - t0
-    _close_writers(writers, build)
-    part.check_written(writers)
-    return {**writers, "dropped": dropped, "sample_chars": sample_chars}
-
-
-def _build_mixture(data: DataConfig, fingerprint: str, build: Path, timings: dict) -> dict[str, Any]:
-    """``data=mix``: every source split on its own, one tokenizer trained on a sample that gives each source its
-    weight's share of ``data.tokenizer_sample_chars``, then each source packed into ``sources/<label>/``; the
-    validation shards are also concatenated (source after source) into ``val.bin`` for the eval stage."""
-    total_weight = sum(source.weight for source in data.sources)
-    parts = []
-    for source in data.sources:
-        sdata = source.as_data(data)
-        t0 = time.perf_counter()
-        dataset = load_documents(sdata, build / "work" / source.label)
-        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
-        where = f"source {source.label!r} ({_where(sdata)})"
-        tag = f"{fingerprint[:16]}-{source.label}"
-        part = _part(sdata, dataset, build / "work" / source.label, tag, where, timings)
-        share = int(data.tokenizer_sample_chars * source.weight / total_weight)
-        parts.append((source, part, share))
-    sample_chars = _make_tokenizer(data, build, [(part, share) for _, part, share in parts], timings)
-    t0 = time.perf_counter()
-    described, val_parts, dropped = [], [], 0
-    totals = {"train": _Count(), "val": _Count()}
-    for source, part, share in parts:
-        directory = build / SOURCES_DIR / source.label
-        directory.mkdir(parents=True)
-        writers = _open_writers(build, directory)
-        source_dropped = part.write(build / TOKENIZER_FILE, writers)
-        _close_writers(writers, directory)
-        part.check_written(writers)
-        dropped += source_dropped
-        for split, writer in writers.items():
-            totals[split].documents += writer.documents
-            totals[split].tokens += writer.tokens
-        val_parts.append(directory)
-        rel = directory.relative_to(build).as_posix()
-        described.append(
+        total_weight = sum(s.weight for s in sources)
+        manifest["sources"] = [
             {
                 "label": source.label,
                 "kind": source.kind,
                 "weight": source.weight,
                 "share": source.weight / total_weight,
-                "splits": {
-                    "train": {
-                        "file": f"{rel}/train.bin",
-                        "documents": writers["train"].documents,
-                        "tokens": writers["train"].tokens,
-                    },
-                    "val": {
-                        "file": f"{rel}/val.bin",
-                        "boundaries": f"{rel}/val_docs.npy",
-                        "documents": writers["val"].documents,
-                        "tokens": writers["val"].tokens,
-                    },
-                },
-                "documents_dropped_empty": source_dropped,
+                "splits": splits,
+                "documents_dropped_empty": dropped,
                 "tokenizer_sample_chars": share if data.tokenizer is None else None,
             }
-        )
-    _concatenate_val(val_parts, build)
-    timings["tokenize"] = time.perf_counter() - t0
-    return {**totals, "dropped": dropped, "sample_chars": sample_chars, "sources": described}
+            for source, (splits, dropped), (*_, share, _) in zip(sources, splits_of, parts, strict=True)
+        ]
+        # No train split of its own (the loader draws from each source's); the validation split is every source's.
+        manifest["splits"] = {"train": None, "val": _join([splits["val"] for splits, _ in splits_of])}
+        manifest["inputs"] = {
+            "sources": [
+                {"label": part["label"], "weight": part["weight"], **_summarize_inputs(part["inputs"])}
+                for part in description["mixture"]
+            ]
+        }
+    else:
+        manifest["splits"] = splits_of[0][0]
+        manifest["inputs"] = _summarize_inputs(description["inputs"])
+    return manifest
 
 
-class _Count:
-    def __init__(self) -> None:
-        self.documents = 0
-        self.tokens = 0
+def _collect(source: _Source) -> tuple[dict[str, Any], int]:
+    """The source's splits for the manifest, from its units' markers in unit order; and its dropped documents."""
+    records = [source.job.done(unit) for unit in source.units]
+    assert all(records), f"a unit of {source.job.where} has no marker after it was built"
+    splits = {}
+    for split in ("train", "val"):
+        shards = [
+            {
+                key: record[split][key]
+                for key in ("path", "docs", "tokens", "documents", "sha256", "docs_sha256", "max_id")
+            }
+            for record in records
+            if record[split]["documents"] > 0
+        ]
+        splits[split] = _join([{"shards": shards}])
+    dropped = sum(record["dropped_empty"] for record in records)
+    source.part.check_written(splits)
+    return splits, dropped
 
 
-def _concatenate_val(directories: list[Path], build: Path) -> None:
-    """``val.bin`` and ``val_docs.npy`` of the whole mixture: the sources' validation shards back to back."""
-    offsets = [np.zeros(1, dtype=np.int64)]
-    with open(build / "val.bin", "wb") as out:
-        for directory in directories:
-            out.write((directory / "val.bin").read_bytes())
-            own = np.load(directory / "val_docs.npy")
-            offsets.append(own[1:] + offsets[-1][-1])
-    np.save(build / "val_docs.npy", np.concatenate(offsets))
+def _join(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    shards = [shard for entry in entries for shard in entry["shards"]]
+    return {
+        "shards": shards,
+        "documents": sum(shard["documents"] for shard in shards),
+        "tokens": sum(shard["tokens"] for shard in shards),
+    }
 
 
 def _make_tokenizer(data: DataConfig, build: Path, shares: list, timings: dict) -> int | None:
     """Copy the given ``data.tokenizer``, or train one on each part's sample of at most its share of characters;
-    return the sample's size (None for a given tokenizer)."""
+    return the sample's size (None for a given tokenizer). A tokenizer an earlier, stopped build finished is kept."""
+    done = build / TOKENIZER_DONE
+    if done.is_file() and (build / TOKENIZER_FILE).is_file():
+        record = json.loads(done.read_text())
+        if record.get("sha256") == file_sha256(build / TOKENIZER_FILE):
+            _say("keeping the tokenizer a stopped prepare of this corpus trained")
+            return record.get("sample_chars")
     t0 = time.perf_counter()
     sample_chars = None
     if data.tokenizer:
@@ -463,39 +522,69 @@ def _make_tokenizer(data: DataConfig, build: Path, shares: list, timings: dict) 
         sample_chars = sum(map(len, sample))
         _train(data, sample, build)
     timings["tokenizer"] = timings.get("tokenizer", 0.0) + time.perf_counter() - t0
+    record = {"sha256": file_sha256(build / TOKENIZER_FILE), "sample_chars": sample_chars}
+    write_atomic(done, json.dumps(record).encode())
     return sample_chars
 
 
-def _part(data: DataConfig, dataset, work: Path, tag: str, where: str, timings: dict):
+def _part(data: DataConfig, dataset, work: Path, where: str):
     from datasets import IterableDataset
 
     if isinstance(dataset, IterableDataset):
         return _StreamPart(data, dataset, where)
-    return _MapPart(data, dataset, work, tag, where, timings)
+    return _RowsPart(data, dataset, work, where)
 
 
-class _MapPart:
-    """A map-style dataset: hash split (at once), a sample of train in hash order, tokenized with num_proc."""
+class _RowsPart:
+    """A map-style dataset: the split pass (hash and length of every row, with num_proc), a sample of train in hash
+    order, units of rows. The split flags are saved for the units (and kept for a resumed build)."""
 
-    def __init__(self, data: DataConfig, dataset, work: Path, tag: str, where: str, timings: dict) -> None:
-        self.data, self.dataset, self.work, self.tag, self.where = data, dataset, work, tag, where
-        self.num_proc = min(data.num_proc, len(dataset)) if data.num_proc > 1 else None
+    streaming = False
+    n_stream_shards = 1
+
+    def __init__(self, data: DataConfig, dataset, work: Path, where: str) -> None:
+        self.data, self.where = data, where
         if len(dataset) == 0:
             raise PipelineError(f"the corpus ({where}) is empty: it has no documents")
-        t0 = time.perf_counter()
-        hashes = dataset.map(
-            hash_batch,
-            batched=True,
-            num_proc=self.num_proc,
-            remove_columns=dataset.column_names,
-            cache_file_name=str(work / "hash.arrow"),
-            new_fingerprint=f"{tag}-hash",
-            desc="hashing documents",
-        )
-        self.u = np.asarray(hashes["u"], dtype=np.float64)
-        self.n_chars = np.asarray(hashes["n_chars"], dtype=np.int64)
+        work.mkdir(parents=True, exist_ok=True)
+        if not dataset.cache_files:
+            # An in-memory dataset (data=stdlib) is saved once, so that workers open it by path instead of receiving
+            # a pickled copy per unit.
+            saved = work / "documents"
+            if not (saved / "state.json").is_file():
+                shutil.rmtree(saved, ignore_errors=True)
+                dataset.save_to_disk(str(saved))
+            from datasets import load_from_disk
+
+            dataset = load_from_disk(str(saved))
+        self.dataset = dataset
+        self.is_val_path = work / "is_val.npy"
+        split_file = work / "split.npz"
+        if split_file.is_file():
+            saved_split = np.load(split_file)
+            self.u, self.n_chars = saved_split["u"], saved_split["n_chars"]
+        else:
+            num_proc = min(data.num_proc, len(dataset)) if data.num_proc > 1 else None
+            hashes = dataset.map(
+                hash_batch,
+                batched=True,
+                num_proc=num_proc,
+                remove_columns=dataset.column_names,
+                keep_in_memory=True,
+                desc="hashing documents",
+            )
+            self.u = np.asarray(hashes["u"], dtype=np.float64)
+            self.n_chars = np.asarray(hashes["n_chars"], dtype=np.int64)
+            tmp = work / ".split.tmp.npz"
+            np.savez(tmp, u=self.u, n_chars=self.n_chars)
+            os.replace(tmp, split_file)
         self.is_val = split_flags(self.u, self.n_chars, data.val_fraction, where)
-        timings["split"] = timings.get("split", 0.0) + time.perf_counter() - t0
+        tmp = work / ".is_val.tmp.npy"
+        np.save(tmp, self.is_val)
+        os.replace(tmp, self.is_val_path)
+
+    def units(self, unit_bytes: int) -> list[Unit]:
+        return plan_row_units(self.n_chars, unit_bytes)
 
     def sample(self, max_chars: int) -> list[str]:
         """The train documents in the order of their hash (a fixed shuffle), until ``max_chars`` are taken."""
@@ -509,144 +598,60 @@ class _MapPart:
         texts = self.dataset.select(chosen)["text"]
         return _cap_chars(texts, max_chars)
 
-    def write(self, tokenizer_path: Path, writers: dict[str, ShardWriter]) -> int:
-        """Tokenize every document into the writers; return the number of empty documents dropped."""
-        from datasets import Features, Sequence, Value
-
-        dataset = self.dataset
-        tokenized = dataset.map(
-            _TokenizeSplitBatch(tokenizer_path, self.is_val),
-            batched=True,
-            batch_size=BATCH_DOCS,
-            with_indices=True,
-            input_columns=["text"],
-            num_proc=self.num_proc,
-            remove_columns=dataset.column_names,
-            features=Features({"ids": Sequence(Value("int32")), "is_val": Value("bool")}),
-            cache_file_name=str(self.work / "tokens.arrow"),
-            new_fingerprint=f"{self.tag}-tokens",
-            desc="tokenizing",
-        )
-        for table in _progress(tokenized.with_format("arrow").iter(batch_size=10 * BATCH_DOCS), len(tokenized)):
-            flags = table.column("is_val").to_numpy(zero_copy_only=False)
-            for split, writer in writers.items():
-                part = table.filter(flags if split == "val" else ~flags)
-                if part.num_rows:
-                    writer.write(*_flatten(part.column("ids")))
-        return int((self.n_chars == 0).sum())
-
-    def check_written(self, writers: dict[str, ShardWriter]) -> None:
+    def check_written(self, splits: dict) -> None:
         """Nothing to check: ``split_flags`` guarantees a document on each side."""
 
 
 class _StreamPart:
-    """A stream, read once: its first documents (up to the sample) train the tokenizer, then all are tokenized."""
+    """A stream: units are its shards; the tokenizer's sample is the first documents of (up to 64 of) its shards."""
+
+    streaming = True
+    is_val_path = None
+    SAMPLED_SHARDS = 64
 
     def __init__(self, data: DataConfig, stream, where: str) -> None:
-        self.data, self.where = data, where
-        self.docs = iter(stream)
-        self.buffered: list[tuple[str, bool]] = []
+        self.data, self.dataset, self.where = data, stream, where
+        self.capped = data.max_documents is not None
+        self.n_stream_shards = 1 if self.capped else max(1, int(getattr(stream, "n_shards", 1) or 1))
+
+    def units(self, unit_bytes: int) -> list[Unit]:
+        return plan_stream_units(self.n_stream_shards, self.capped)
 
     def sample(self, max_chars: int) -> list[str]:
         if max_chars <= 0:
             return []
-        sample_chars = 0
-        for doc in self.docs:
-            text = doc["text"] or ""
-            is_val = split_hash(text) < self.data.val_fraction
-            self.buffered.append((text, is_val))
-            if not is_val:
-                sample_chars += len(text)
-                if sample_chars >= max_chars:
-                    break
-        sample = _cap_chars([t for t, v in self.buffered if not v and t], max_chars)
+        n = self.n_stream_shards
+        picked = sorted(
+            {round(i * (n - 1) / max(self.SAMPLED_SHARDS - 1, 1)) for i in range(min(n, self.SAMPLED_SHARDS))}
+        )
+        share = max_chars // len(picked)
+        sample: list[str] = []
+        for index in picked:
+            stream = self.dataset.shard(num_shards=n, index=index) if n > 1 else self.dataset
+            taken = 0
+            try:
+                for doc in stream:
+                    text = doc["text"] or ""
+                    if text and split_hash(text) >= self.data.val_fraction:
+                        sample.append(text)
+                        taken += len(text)
+                        if taken >= share:
+                            break
+            except Exception as err:
+                raise PipelineError(f"could not read shard {index} of the stream {self.where}: {err}") from err
+        sample = _cap_chars(sample, max_chars)
         if not sample:
             raise PipelineError(f"the corpus ({self.where}) is empty: the stream gave no training text")
         return sample
 
-    def _rest(self) -> Iterator[tuple[str, bool]]:
-        yield from self.buffered
-        for doc in self.docs:
-            text = doc["text"] or ""
-            yield text, split_hash(text) < self.data.val_fraction
-
-    def write(self, tokenizer_path: Path, writers: dict[str, ShardWriter]) -> int:
-        tokenizer = DocumentTokenizer(tokenizer_path, num_threads=self.data.num_proc)
-        dropped = 0
-        batch: list[tuple[str, bool]] = []
-        bar = _progress(None, self.data.max_documents, unit="doc")
-        for text, is_val in self._rest():
-            if not text:
-                dropped += 1
-                continue
-            batch.append((text, is_val))
-            if len(batch) == BATCH_DOCS:
-                _write_stream_batch(tokenizer, batch, writers)
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            _write_stream_batch(tokenizer, batch, writers)
-            bar.update(len(batch))
-        bar.close()
-        return dropped
-
-    def check_written(self, writers: dict[str, ShardWriter]) -> None:
-        if writers["train"].documents == 0:
+    def check_written(self, splits: dict) -> None:
+        if splits["train"]["documents"] == 0:
             raise PipelineError(f"the corpus ({self.where}) is empty: no document with text went to the train split")
-        if writers["val"].documents == 0:
+        if splits["val"]["documents"] == 0:
             raise PipelineError(
                 f"no document of the stream ({self.where}) fell into the validation split (data.val_fraction="
                 f"{self.data.val_fraction}); raise data.val_fraction or data.max_documents"
             )
-
-
-class _TokenizeSplitBatch:
-    """``datasets.map`` batch function: texts -> ``ids`` (EOS-terminated) and ``is_val``; empty documents dropped."""
-
-    def __init__(self, model_path: Path, is_val: np.ndarray) -> None:
-        self.tokenizer = DocumentTokenizer(model_path)
-        self.is_val = is_val
-
-    def __call__(self, texts: list[str | None], indices: list[int]) -> dict[str, list]:
-        keep = [i for i, text in enumerate(texts) if text]
-        ids = self.tokenizer.encode([texts[i] for i in keep])
-        return {"ids": ids, "is_val": [bool(self.is_val[indices[i]]) for i in keep]}
-
-
-def _write_stream_batch(tokenizer: DocumentTokenizer, batch: list[tuple[str, bool]], writers: dict) -> None:
-    ids = tokenizer.encode([text for text, _ in batch])
-    for split, writer in writers.items():
-        docs = [doc for doc, (_, is_val) in zip(ids, batch, strict=True) if is_val == (split == "val")]
-        if docs:
-            lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-            flat = np.fromiter((t for doc in docs for t in doc), dtype=np.int64, count=int(lengths.sum()))
-            writer.write(flat, lengths)
-
-
-def _flatten(column) -> tuple[np.ndarray, np.ndarray]:
-    """A chunked arrow list column -> (concatenated ids, per-document lengths)."""
-    import pyarrow.compute as pc
-
-    array = column.combine_chunks()
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(array).to_numpy(zero_copy_only=False)
-    return flat, lengths
-
-
-def _open_writers(build: Path, directory: Path) -> dict[str, ShardWriter]:
-    """Writers of ``train.bin`` and ``val.bin`` in ``directory``, in the dtype of the tokenizer in ``build``."""
-    vocab_size = load_tokenizer(build / TOKENIZER_FILE).get_piece_size()
-    dtype = token_dtype(vocab_size)
-    return {
-        "train": ShardWriter(directory / "train.bin", dtype, vocab_size),
-        "val": ShardWriter(directory / "val.bin", dtype, vocab_size, keep_boundaries=True),
-    }
-
-
-def _close_writers(writers: dict[str, ShardWriter], directory: Path) -> None:
-    for writer in writers.values():
-        writer.close()
-    writers["val"].save_boundaries(directory / "val_docs.npy")
 
 
 def _train(data: DataConfig, sample: list[str], build: Path) -> None:
@@ -686,17 +691,22 @@ def sp_model_type(sp) -> str:
 # ---------------------------------------------------------------- housekeeping and messages
 
 
-def _remove_stale_builds(cache_root: Path) -> None:
-    """Delete temporary build directories that killed prepares on this host left in ``cache_root``."""
-    leftover = re.compile(rf"\.tmp-.+-{re.escape(_host())}-(\d+)")
-    for stale in cache_root.glob(".tmp-*"):
-        match = leftover.fullmatch(stale.name)
-        if match and not pid_alive(int(match.group(1))):
-            shutil.rmtree(stale, ignore_errors=True)
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
-def _host() -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+def _note_old_format(cache_root: Path) -> None:
+    """Corpora of the one-file format (format 1: train.bin, meta.json) are not read; say so once per prepare."""
+    old = sorted(p.parent.name for p in cache_root.glob("*/meta.json"))
+    if old:
+        _say(
+            f"{len(old)} corpora in {cache_root} are in the one-file format of earlier versions ({', '.join(old[:3])}"
+            f"{' ...' if len(old) > 3 else ''}); they are not read: this corpus is prepared in the sharded format. "
+            "Delete them once no run needs them"
+        )
 
 
 def _where(data: DataConfig) -> str:
@@ -722,55 +732,51 @@ def _versions() -> dict[str, str]:
     return {"sentencepiece": sentencepiece.__version__, "datasets": datasets.__version__}
 
 
-def _docs_total(meta: dict) -> int:
-    return sum(split["documents"] for split in meta["splits"].values())
+def _train_totals(manifest: dict) -> dict:
+    """The train split's totals; a mixture's are its sources' together."""
+    if manifest["splits"]["train"]:
+        return manifest["splits"]["train"]
+    sources = [source["splits"]["train"] for source in manifest["sources"]]
+    return {key: sum(split[key] for split in sources) for key in ("documents", "tokens")}
 
 
-def _tokens_total(meta: dict) -> int:
-    return sum(split["tokens"] for split in meta["splits"].values())
+def _docs_total(manifest: dict) -> int:
+    return _train_totals(manifest)["documents"] + manifest["splits"]["val"]["documents"]
+
+
+def _tokens_total(manifest: dict) -> int:
+    return _train_totals(manifest)["tokens"] + manifest["splits"]["val"]["tokens"]
 
 
 def _say_summary(corpus: PreparedCorpus) -> None:
-    meta = corpus.metadata
-    train, val = meta["splits"]["train"], meta["splits"]["val"]
-    tokens = _tokens_total(meta)
-    seconds = meta["seconds"]["total"]
+    manifest = corpus.manifest
+    train = _train_totals(manifest)
+    val = manifest["splits"]["val"]
+    tokens = train["tokens"] + val["tokens"]
+    seconds = manifest["seconds"]["total"]
     disk = sum(p.stat().st_size for p in corpus.directory.rglob("*") if p.is_file())
+    shards = sum(len(entry["shards"]) for entry in (manifest["splits"]["train"], val) if entry)
     _say(
-        f"prepared {meta['source']}: {_docs_total(meta):,} documents ({train['documents']:,} train / "
-        f"{val['documents']:,} val), {tokens / 1e6:.2f}M tokens ({train['tokens'] / 1e6:.2f}M / "
-        f"{val['tokens'] / 1e6:.2f}M), vocab {meta['vocab_size']} ({meta['dtype']}), {seconds:.1f} s "
-        f"({tokens / max(seconds, 1e-9) / 1e3:,.0f}k tokens/s), {disk / 1e6:.1f} MB on disk -> {corpus.directory}"
+        f"prepared {manifest['source']}: {train['documents'] + val['documents']:,} documents ({train['documents']:,} "
+        f"train / {val['documents']:,} val), {tokens / 1e6:.2f}M tokens ({train['tokens'] / 1e6:.2f}M / "
+        f"{val['tokens'] / 1e6:.2f}M), vocab {manifest['vocab_size']} ({manifest['dtype']}), "
+        f"{manifest['units']} unit(s), {seconds:.1f} s ({tokens / max(seconds, 1e-9) / 1e3:,.0f}k tokens/s), "
+        f"{disk / 1e6:.1f} MB on disk -> {corpus.directory}" + (f" ({shards} shards)" if shards > 2 else "")
     )
-    for source in meta.get("sources", ()):
+    for source in manifest.get("sources", ()):
         train, val = source["splits"]["train"], source["splits"]["val"]
         _say(
             f"  source {source['label']!r} ({source['kind']}, weight {source['weight']:g} = "
             f"{source['share']:.1%} of training windows): {train['documents']:,} train / {val['documents']:,} val "
             f"documents, {train['tokens'] / 1e6:.2f}M / {val['tokens'] / 1e6:.2f}M tokens"
         )
-    dropped = meta.get("documents_dropped_empty", 0)
+    dropped = manifest.get("documents_dropped_empty", 0)
     if dropped:
         _say(
             f"skipped {dropped:,} documents without text (an empty text, or a row whose data.text_field is missing "
-            "or null); meta.json counts them as documents_dropped_empty"
+            "or null); the manifest counts them as documents_dropped_empty"
         )
 
 
 def _say(message: str) -> None:
     print(f"[prepare] {message}", flush=True)
-
-
-def _progress(iterable, total: int | None, unit: str = "doc"):
-    from tqdm.auto import tqdm
-
-    if iterable is None:
-        return tqdm(total=total, unit=unit, desc="tokenizing stream")
-    return _counting(iterable, tqdm(total=total, unit=unit, desc="writing shards"))
-
-
-def _counting(tables, bar) -> Iterator:
-    for table in tables:
-        yield table
-        bar.update(table.num_rows)
-    bar.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -58,20 +60,25 @@ def all_ranks(flag: bool, ctx: DistContext) -> bool:
     return bool(all_reduce(value, ctx, op=dist.ReduceOp.MIN).item() > 0)
 
 
-def run_on_main(ctx: DistContext, work, what: str) -> str:
+def run_on_main(ctx: DistContext, work, what: str, wait_dir: Path | None = None, waiting: str = "") -> str:
     """``work()`` (returning a string) on rank 0 while the other ranks wait; every rank returns its result.
 
     A failure on rank 0 is raised there and, as a PipelineError naming ``what`` ("prepare the corpus"), on every
     other rank, so no rank is left waiting for one that gave up.
+
+    With ``wait_dir`` (a folder every rank can read: it must be shared between nodes) the other ranks wait by
+    polling a status file there, saying every few minutes that they are still waiting for ``waiting``, instead of in
+    a collective: the process group's timeout then bounds nothing, so ``work`` may take hours (a large prepare).
     """
+    if ctx.world_size > 1 and wait_dir is not None and dist.is_initialized():
+        return _run_on_main_by_file(ctx, work, what, Path(wait_dir), waiting or what)
     if ctx.is_main:
         failure, status = None, None
         try:
             status = ("ok", work())
         except Exception as err:
             failure = err
-            user_error = isinstance(err, (ConfigError, PipelineError))
-            status = ("error", str(err) if user_error else f"{type(err).__name__}: {err}")
+            status = ("error", _describe(err))
         broadcast_from_main(ctx, status)
         if failure is not None:
             raise failure
@@ -80,6 +87,53 @@ def run_on_main(ctx: DistContext, work, what: str) -> str:
     if state == "error":
         raise PipelineError(f"rank 0 could not {what}: {detail}")
     return detail
+
+
+WAIT_NOTE_SECONDS = 300.0
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, (ConfigError, PipelineError)) else f"{type(err).__name__}: {err}"
+
+
+def _run_on_main_by_file(ctx: DistContext, work, what: str, folder: Path, waiting: str) -> str:
+    # A name no earlier run used, agreed on in an instant collective; the long wait is on the file.
+    token = broadcast_from_main(ctx, f"{os.getpid()}-{time.time_ns()}")
+    status_file = folder / f".rank0-status-{token}.json"
+    if ctx.is_main:
+        failure, status = None, None
+        try:
+            status = {"state": "ok", "detail": work()}
+        except BaseException as err:
+            failure = err
+            status = {"state": "error", "detail": _describe(err)}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = status_file.with_name(status_file.name + ".tmp")
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, status_file)
+        except OSError:
+            if failure is None:
+                raise
+        if failure is not None:
+            raise failure
+        ctx.barrier()  # every rank has read the status: remove it
+        status_file.unlink(missing_ok=True)
+        return status["detail"]
+    started = last_note = time.monotonic()
+    while not status_file.is_file():
+        time.sleep(1.0)
+        if time.monotonic() - last_note >= WAIT_NOTE_SECONDS:
+            last_note = time.monotonic()
+            print(
+                f"[rank {ctx.rank}] still waiting for rank 0 ({waiting}): {(last_note - started) / 60:.0f} min",
+                flush=True,
+            )
+    status = json.loads(status_file.read_text())
+    if status["state"] == "error":
+        raise PipelineError(f"rank 0 could not {what}: {status['detail']}")
+    ctx.barrier()
+    return status["detail"]
 
 
 def gather_objects(value, ctx: DistContext) -> list:

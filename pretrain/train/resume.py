@@ -71,6 +71,12 @@ def check_resume(
                     f"model.embed_scale={trained:g} to resume it, or {init_hint}"
                 )
     saved_loader = record.get("loader")
+    if saved_loader is not None and saved_loader.get("version") != loader_state.get("version"):
+        raise PipelineError(
+            f"checkpoint {where} was saved by the loader of the one-file corpus format (loader state version "
+            f"{saved_loader.get('version')!r}); this version reads sharded corpora in another order and cannot "
+            f"continue its data stream exactly: {init_hint}"
+        )
     if saved_loader is not None:
         for key in ("n_tokens", "checksum"):
             if saved_loader.get(key) != loader_state.get(key):

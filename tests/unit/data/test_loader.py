@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.loader import TokenWindowLoader, val_batches
+from pretrain.data.loader import TokenWindowLoader, epoch_offset, val_batches
 from pretrain.errors import PipelineError
 
 SEQ = 16
@@ -82,7 +82,7 @@ def test_restore_refuses_another_shard_seed_or_length(shard, tmp_path):
         loader(shard, seq=32).load_state_dict(state)
     other = tmp_path / "other.bin"
     (np.arange(5000, dtype=np.uint32) * 2).tofile(other)
-    with pytest.raises(ValueError, match="different train shard"):
+    with pytest.raises(ValueError, match="different train split"):
         loader(other).load_state_dict(state)
 
 
@@ -109,8 +109,9 @@ def test_resume_with_another_dp_size_neither_repeats_nor_skips(shard):
         for data in ranks:
             taken += starts(data.next_batch())
     assert len(taken) == len(set(taken))
-    offset, order = before.epoch_plan(0)
-    assert sorted(taken) == sorted((offset + order[: len(taken)] * SEQ).tolist())
+    offset = epoch_offset([before.seed, 0], SEQ)
+    order = before.epoch_order(0, np.arange(len(taken)))
+    assert sorted(taken) == sorted((offset + order * SEQ).tolist())
 
 
 def test_uint16_shard(tmp_path):
@@ -136,3 +137,40 @@ def test_val_batches_in_order_split_across_ranks(shard):
     assert len(list(val_batches(shard, "uint32", SEQ, 4, max_batches=3))) == 3
     inputs, targets = single[0]
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_an_epoch_visits_every_window_once_across_shards(tmp_path):
+    from pretrain.data.shards import ShardSet
+
+    sizes = [700, 129, 64, 1000]  # one shard too short for any window
+    paths, start = [], 0
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"{i:05d}.bin"
+        np.arange(start, start + size, dtype=np.uint32).tofile(path)
+        paths.append((path, size))
+        start += size
+    shards = ShardSet(paths, "uint32")
+    data = TokenWindowLoader(shards, "uint32", SEQ, 2, seed=3)
+    assert data.n_windows == sum(max(0, (size - SEQ) // SEQ) for size in sizes)
+    seen = []
+    for _ in range(data.batches_per_epoch):
+        inputs, targets = data.next_batch()
+        for row_in, row_out in zip(inputs, targets, strict=True):
+            window = torch.cat([row_in, row_out[-1:]]).numpy()
+            assert np.array_equal(np.diff(window), np.ones(SEQ)), "a window crossed a shard boundary"
+            seen.append(int(window[0]))
+    assert len(seen) == len(set(seen)) == data.batches_per_epoch * 2
+    assert data.epoch == 0
+
+
+def test_the_shuffle_is_a_computed_bijection():
+    from pretrain.data.shuffle import permute
+
+    for n in (1, 2, 3, 7, 64, 1000, 4099):
+        order = permute(np.arange(n), n, (5, 1))
+        assert sorted(order.tolist()) == list(range(n))
+    a, b = permute(np.arange(1000), 1000, (5, 1)), permute(np.arange(1000), 1000, (5, 2))
+    assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
+    assert np.array_equal(permute(np.arange(500, 510), 1000, (5, 1)), a[500:510])  # any position, in O(1)
+    with pytest.raises(ValueError, match="outside"):
+        permute(np.array([1000]), 1000, (5, 1))

@@ -112,16 +112,18 @@ def test_a_state_of_another_mixture_is_refused(shards):
 
 def fake_corpus(shards, weights, tmp_path):
     sources = tuple(
-        SimpleNamespace(label=f"s{i}", kind="files", weight=w, train_path=path, val_path=path)
+        SimpleNamespace(label=f"s{i}", kind="files", weight=w, train=path, val=path, identity=f"s{i}")
         for i, (path, w) in enumerate(zip(shards, weights, strict=True))
     )
-    return SimpleNamespace(sources=sources, dtype="uint32", train_path=None, val_path=None)
+    return SimpleNamespace(sources=sources, dtype="uint32", train=None, val=None)
 
 
 def test_train_loader_and_validation_splits_follow_the_corpus(shards, tmp_path):
     corpus = fake_corpus(shards, [3.0, 0.0, 1.0], tmp_path)
     assert isinstance(train_loader(corpus, SEQ, 4, seed=1), MixtureLoader)
-    single = SimpleNamespace(sources=(), dtype="uint32", train_path=shards[0], val_path=shards[0])
+    single = SimpleNamespace(
+        sources=(), dtype="uint32", train=shards[0], val=shards[0], split_digest=lambda split: "single"
+    )
     assert isinstance(train_loader(single, SEQ, 4, seed=1), TokenWindowLoader)
 
     def score(batches):  # the mean first token's source, to see which split was scored
@@ -233,14 +235,14 @@ def test_a_prepared_mixture_has_a_shared_tokenizer_and_shards_per_source(tmp_pat
         (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i}\n" + "long context text " * (50 + 10 * i))
     data = data_config(tmp_path, source="mix", max_files=None, sources=sources, vocab_size=400, val_fraction=0.3)
     corpus = prepare_corpus(data, verbose=False)
-    assert corpus.directory.name.startswith("mix-") and corpus.train_path is None
+    assert corpus.directory.name.startswith("mix-") and corpus.train is None
     assert [(s.label, s.weight) for s in corpus.sources] == [("head", 3.0), ("files", 1.0)]
     meta = corpus.metadata
     assert [s["share"] for s in meta["sources"]] == [0.75, 0.25]
     assert meta["tokenizer"]["sample_chars"] <= data.tokenizer_sample_chars
     # The whole validation split is the sources' validation shards back to back; documents end in EOS.
-    own = [np.fromfile(s.val_path, dtype=corpus.dtype) for s in corpus.sources]
-    assert np.array_equal(corpus.tokens("val"), np.concatenate(own))
+    own = [s.val[:] for s in corpus.sources]
+    assert np.array_equal(corpus.tokens("val")[:], np.concatenate(own))
     docs = list(corpus.val_documents())
     assert sum(s["splits"]["val"]["documents"] for s in meta["sources"]) == len(docs)
     assert all(doc[-1] == corpus.metadata["special_ids"]["eos"] for doc in docs)

@@ -9,6 +9,7 @@ import pytest
 from data_fixtures import (
     code_rows,
     complete_corpora,
+    corpus_files,
     config,
     data_config,
     leftovers,
@@ -70,7 +71,7 @@ def test_stdlib_shards_hold_every_document_and_one_eos_each(stdlib_corpus):
 
 def test_val_boundaries_and_run_dir_tokenizer(stdlib_corpus):
     corpus, cfg = stdlib_corpus
-    offsets = np.load(corpus.val_docs_path)
+    offsets = corpus.val.document_offsets()
     assert offsets[0] == 0 and offsets[-1] == len(corpus.tokens("val"))
     assert len(offsets) == corpus.metadata["splits"]["val"]["documents"] + 1
     docs = list(corpus.val_documents())
@@ -98,8 +99,18 @@ def test_prepare_is_reproducible(stdlib_corpus, tmp_path):
     corpus, cfg = stdlib_corpus
     again = prepare_corpus(data_config(tmp_path))  # same inputs, another cache directory and process id
     assert again.directory.name == corpus.directory.name
-    for name in ("spm.model", "train.bin", "val.bin", "val_docs.npy"):
-        assert (again.directory / name).read_bytes() == (corpus.directory / name).read_bytes(), name
+    assert corpus_files(again.directory) == corpus_files(corpus.directory)
+
+
+def test_units_are_cut_by_the_inputs_and_join_to_the_same_stream(stdlib_corpus, tmp_path):
+    corpus, _ = stdlib_corpus
+    small_units = prepare_corpus(data_config(tmp_path, unit_bytes=40_000))
+    assert small_units.directory.name == corpus.directory.name  # unit_bytes is not part of the fingerprint
+    assert small_units.manifest["units"] > 5 and len(small_units.manifest["splits"]["train"]["shards"]) > 5
+    for split in ("train", "val"):
+        assert np.array_equal(small_units.tokens(split)[:], corpus.tokens(split)[:]), split
+        assert np.array_equal(small_units.tokens(split).document_offsets(), corpus.tokens(split).document_offsets())
+    assert small_units.split_digest("train") != corpus.split_digest("train")  # other shards: another split identity
 
 
 def test_changed_vocab_size_or_file_prepares_again(tmp_path):
@@ -150,7 +161,7 @@ def test_hf_path_with_a_local_loader(tmp_path, monkeypatch, streaming):
         max_documents=30,
         val_fraction=0.2,
     )
-    unused = prepare._MapPart if streaming else prepare._StreamPart
+    unused = prepare._RowsPart if streaming else prepare._StreamPart
 
     def wrong_path(*args, **kwargs):
         raise AssertionError(f"streaming={streaming} took the other path")
@@ -185,24 +196,43 @@ def test_given_tokenizer_is_used_as_is(stdlib_corpus, tmp_path):
     assert other.vocab_size == corpus.vocab_size and other.metadata["tokenizer"]["trained"] is False
 
 
-def test_a_failed_prepare_leaves_no_complete_cache(tmp_path, monkeypatch):
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+def test_a_stopped_prepare_keeps_its_finished_units_and_resumes_to_the_same_bytes(tmp_path, monkeypatch, capsys):
+    from pretrain.data.units import UnitJob
 
-    monkeypatch.setattr(prepare, "_close_writers", killed)
+    reference = prepare_corpus(data_config(tmp_path / "reference", unit_bytes=40_000))
+    real_run_unit = UnitJob.run_unit
+    calls = []
+
+    def stopped_at_the_fourth(self, unit):
+        calls.append(unit.number)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_run_unit(self, unit)
+
+    monkeypatch.setattr(UnitJob, "run_unit", stopped_at_the_fourth)
+    cfg = data_config(tmp_path, unit_bytes=40_000)
     with pytest.raises(KeyboardInterrupt):
-        prepare_corpus(data_config(tmp_path))
-    assert complete_corpora(tmp_path / "cache") == [] and leftovers(tmp_path / "cache") == []
+        prepare_corpus(cfg)
+    assert complete_corpora(tmp_path / "cache") == [] and len(leftovers(tmp_path / "cache")) == 1
+    monkeypatch.setattr(UnitJob, "run_unit", real_run_unit)
+    resumed = prepare_corpus(cfg)
+    out = capsys.readouterr().out
+    assert "keeping the tokenizer a stopped prepare of this corpus trained" in out
+    assert f"3 of {reference.manifest['units']} units already done" in out
+    assert corpus_files(resumed.directory) == corpus_files(reference.directory)
+    assert leftovers(tmp_path / "cache") == []
 
 
 def test_a_killed_build_directory_is_never_taken_as_complete(tmp_path):
     cfg = data_config(tmp_path)
     corpus = prepare_corpus(cfg)
-    (corpus.directory / "meta.json").unlink()  # what a half-finished directory looks like
+    (corpus.directory / "manifest.json").unlink()  # a folder that is not a complete corpus
     assert PreparedCorpus.open(corpus.directory) is None
     with pytest.raises(PipelineError, match="run `pretrain stage=prepare`"):
         load_prepared(cfg)
     assert prepare_corpus(cfg).directory == corpus.directory
+    moved = list(corpus.directory.parent.glob(f"{corpus.directory.name}.incomplete-*"))
+    assert len(moved) == 1 and (moved[0] / "spm.model").is_file()  # moved aside, never deleted
 
 
 def bad_inputs(tmp_path):
