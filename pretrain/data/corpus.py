@@ -195,6 +195,8 @@ def _load_files(data: DataConfig, work_dir: Path):
         if not files:
             continue
         kwargs = {"sample_by": "document"} if loader == "text" else {}
+        if data.num_proc > 1 and len(files) > 1:
+            kwargs["num_proc"] = min(data.num_proc, len(files))  # many files are converted in parallel
         try:
             part = load_dataset(loader, data_files=files, split="train", cache_dir=str(work_dir / "hf"), **kwargs)
         except Exception as err:  # datasets raises many types for malformed files

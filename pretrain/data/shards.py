@@ -124,6 +124,11 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The whole split in memory (``np.asarray(split)``): for small splits and tests; training never does this."""
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
     def shard(self, index: int) -> np.ndarray:
         """Shard ``index`` as a read-only memmap."""
         if index not in self._open:

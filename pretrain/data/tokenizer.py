@@ -9,7 +9,7 @@ A trained tokenizer is lossless on code: ``decode(encode(text)) == text`` for ev
 Digits are split one per token (``split_digits``), as in LLaMA and PaLM.
 
 Special token ids of a trained tokenizer (an existing ``data.tokenizer`` keeps its own; the prepared
-corpus's ``meta.json`` records the ids in use):
+corpus's ``manifest.json`` records the ids in use):
 
     pad = 0   <pad>  never produced by encode; free for padding
     unk = 1   <unk>  never produced (byte fallback covers every character)

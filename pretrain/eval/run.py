@@ -33,7 +33,7 @@ from pretrain.eval.perplexity import evaluate_model
 from pretrain.eval.report import write_outputs
 from pretrain.eval.sources import ModelSource, load_model, resolve_sources, source_model_config
 from pretrain.eval.split import check_eval_split, make_split
-from pretrain.eval.windows import document_offsets, eval_lengths
+from pretrain.eval.windows import eval_lengths
 from pretrain.parallel.distributed import DistContext
 
 
@@ -140,10 +140,10 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
 
 
 def validation_offsets(corpus, n_tokens: int, required: bool):
-    """The validation documents' offsets in the validation stream (``val_docs.npy``), or None when the corpus
-    gives none that match the stream; PipelineError then when ``eval.windows=documents`` needs them."""
+    """The validation documents' offsets in the validation stream (the shards' ``.docs.npy``), or None when the
+    corpus gives none that match the stream; PipelineError then when ``eval.windows=documents`` needs them."""
     try:
-        offsets = document_offsets(corpus.val_documents())
+        offsets = corpus.val.document_offsets()
     except (AttributeError, OSError, ValueError) as err:
         offsets, problem = None, f"they cannot be read ({err})"
     else:

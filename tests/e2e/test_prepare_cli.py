@@ -15,14 +15,15 @@ KILLED_PREPARE = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import pretrain.data.prepare as prepare
+from pretrain.data.shards import ShardWriter
+from pretrain.data.prepare import prepare_corpus
 from data_fixtures import data_config
 
-def killed(writers, build):
+def killed(self):
     os.kill(os.getpid(), signal.SIGKILL)  # as if the node died while the shards were being written
 
-prepare._close_writers = killed
-prepare.prepare_corpus(data_config(Path({tmp!r})))
+ShardWriter.finish = killed
+prepare_corpus(data_config(Path({tmp!r})))
 """
 
 
@@ -32,9 +33,10 @@ def test_a_prepare_killed_midway_leaves_nothing_that_looks_complete(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert complete_corpora(tmp_path / "cache") == []
     (stale,) = leftovers(tmp_path / "cache")
-    assert (stale / "train.bin").is_file()
-    corpus = prepare_corpus(data_config(tmp_path))  # the next prepare builds afresh and sweeps the stale build
+    assert list(stale.rglob(".*.tmp-*")), "the killed unit's temporary shard"
+    corpus = prepare_corpus(data_config(tmp_path))  # the next prepare resumes the build and sweeps its leftovers
     assert complete_corpora(tmp_path / "cache") == [corpus.directory] and leftovers(tmp_path / "cache") == []
+    assert not list(corpus.directory.rglob(".*.tmp-*"))
 
 
 def test_cli_prepares_then_reuses_and_reports_errors(tmp_path):
@@ -51,7 +53,7 @@ def test_cli_prepares_then_reuses_and_reports_errors(tmp_path):
     assert "[prepare] prepared stdlib: 12 documents" in first.stdout
     assert "tokens/s" in first.stdout and "MB on disk" in first.stdout
     (directory,) = complete_corpora(tmp_path / "cache")
-    assert json.loads((directory / "meta.json").read_text())["vocab_size"] == 400
+    assert json.loads((directory / "manifest.json").read_text())["vocab_size"] == 400
     assert (tmp_path / "run" / "tokenizer" / "spm.model").is_file()
     second = run_cli(["pretrain", *args], cwd=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr
