@@ -21,6 +21,9 @@ SMALL_RUN = [
     "data.vocab_size=512",
     "data.num_proc=1",
     "data.tokenizer_sample_chars=300000",
+    # Several work units, so every training test reads a corpus of several shards (one worker: no process pool).
+    "data.unit_bytes=100000",
+    "data.workers=1",
     "model.seq_len=32",
     "model.d_model=64",
     "train.micro_batch_size=4",

@@ -174,3 +174,44 @@ def test_the_shuffle_is_a_computed_bijection():
     assert np.array_equal(permute(np.arange(500, 510), 1000, (5, 1)), a[500:510])  # any position, in O(1)
     with pytest.raises(ValueError, match="outside"):
         permute(np.array([1000]), 1000, (5, 1))
+
+
+def sharded(tmp_path, sizes=(900, 300, 1200, 77, 1500)):
+    """A split of several uint32 shards whose tokens count on across shards (a window names where it starts)."""
+    from pretrain.data.shards import ShardSet
+
+    listed, start = [], 0
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"train-{i:05d}.bin"
+        np.arange(start, start + size, dtype=np.uint32).tofile(path)
+        listed.append((path, size))
+        start += size
+    return ShardSet(listed, "uint32", random_access=True)
+
+
+def test_a_sharded_split_resumes_exactly_on_one_or_two_ranks(tmp_path):
+    split = sharded(tmp_path)
+    uninterrupted = TokenWindowLoader(split, "uint32", SEQ, 4, seed=11)
+    want = [starts(batch) for batch in take(uninterrupted, 3 * uninterrupted.batches_per_epoch // 2)]
+    first = TokenWindowLoader(split, "uint32", SEQ, 4, seed=11)
+    got = [starts(batch) for batch in take(first, 5)]
+    state = first.state_dict()
+    # the same global batch on two ranks of 2 windows each: together they read what one rank of 4 would
+    ranks = [TokenWindowLoader(split, "uint32", SEQ, 2, seed=11, dp_rank=r, dp_size=2) for r in range(2)]
+    for data in ranks:
+        data.load_state_dict(state)
+    for _ in range(len(want) - 5):
+        halves = [starts(data.next_batch()) for data in ranks]
+        got.append([halves[i % 2][i // 2] for i in range(4)])  # rank r took windows r, r + 2 of the batch
+    assert got == want  # across an epoch boundary too
+    again = TokenWindowLoader(split, "uint32", SEQ, 4, seed=11)
+    again.load_state_dict(state)
+    assert [starts(batch) for batch in take(again, 3)] == want[5:8]
+
+
+def test_the_loader_holds_nothing_per_window(tmp_path):
+    split = sharded(tmp_path)
+    data = TokenWindowLoader(split, "uint32", SEQ, 4, seed=1)
+    arrays = [value for value in vars(data).values() if isinstance(value, np.ndarray)]
+    arrays += [value for value in vars(data.windows).values() if isinstance(value, np.ndarray)]
+    assert all(array.size <= len(split.paths) + 1 for array in arrays)  # O(shards), never O(windows)
