@@ -3,17 +3,21 @@ that stage (after prepare, a cache hit, when it needs the corpus); ``export`` ne
 
 Every check of the config runs before any work: the schemas' own checks when the config is built
 (``config.py``), then the checks that need the world size (``check_before_work``). A problem a user can cause
-(``ConfigError``, ``PipelineError``) ends the program with one line and exit status 2.
+(``ConfigError``, ``PipelineError``) ends the program with one line and exit status 2. A prepare that hands its units
+to a Slurm job (``data.executor=slurm``) stops on purpose, with one line saying how to go on: exit 0 for
+``stage=prepare``, 75 (``EXIT_STOPPED_EARLY``, "try again later") for a stage after it.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain.config import Config
 from pretrain.data.prepare import install_tokenizer, run_prepare
+from pretrain.data.slurm import SlurmSubmitted
 from pretrain.errors import EXIT_STOPPED_EARLY, ConfigError, PipelineError
 from pretrain.eval.during_training import training_extrapolation
 from pretrain.eval.run import plan_eval, run_eval
@@ -51,6 +55,12 @@ def run_from_dictconfig(dict_cfg: DictConfig) -> None:
     ctx = init_distributed()
     try:
         run_stages(cfg, ctx, Invocation(dict_cfg) if ctx.is_main else None)
+    except SlurmSubmitted as stop:  # data.executor=slurm: the corpus's units run as a Slurm job; an expected stop
+        if cfg.stage == "prepare":
+            print(f"[prepare] {stop}", flush=True)
+            return
+        print(f"[prepare] {stop}; stage={cfg.stage} stopped after prepare", flush=True)
+        sys.exit(EXIT_STOPPED_EARLY)
     except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -69,6 +79,14 @@ def check_before_work(cfg: Config, world_size: int) -> None:
     files = RunFiles(cfg.run_dir)
     if files.root.exists() and not files.root.is_dir():
         raise ConfigError(f"run_dir={cfg.run_dir!r} is a file; give a directory (it is created when missing)")
+    cache = Path(cfg.data.cache_dir).expanduser().resolve()
+    run_root = files.root.expanduser().resolve()
+    if run_root == cache or cache in run_root.parents:
+        # The cache is the prepare stage's: a run inside it could be taken for a corpus (or moved aside as one).
+        raise ConfigError(
+            f"run_dir={cfg.run_dir!r} is inside data.cache_dir={cfg.data.cache_dir!r}, where prepared corpora live; "
+            "put the run directory elsewhere"
+        )
     if cfg.stage == "all":
         # The eval stage checks again with the trained model's own length and heads.
         heads = {"model": cfg.model.n_head}

@@ -44,6 +44,15 @@ class RunLock:
             raise PipelineError(failure)
 
     def _take(self) -> None:
+        try:
+            self._take_or_raise()
+        except OSError as err:  # a read-only or full file system, a path under a file, no permission
+            raise PipelineError(
+                f"cannot write in run_dir={str(self.path.parent)!r} ({err.strerror or err}); choose a run_dir this "
+                "user can write to"
+            ) from None
+
+    def _take_or_raise(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "host": socket.gethostname(),
@@ -56,6 +65,17 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
+                if not holder.get("pid") or not holder.get("host"):
+                    # Empty or damaged: a run killed in the instant between creating and writing it, or an editor.
+                    age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0.0
+                    if age < 10:
+                        time.sleep(1.0)  # perhaps being written right now: look again
+                        if self._holder().get("pid"):
+                            continue
+                    raise PipelineError(
+                        f"{self.path} names no run (it is empty or damaged, written {age:.0f} s ago): if no program "
+                        f"is using {self.path.parent}, delete {self.path} and run again"
+                    ) from None
                 if holder.get("host") == record["host"] and not pid_alive(int(holder.get("pid", -1))):
                     print(f"removing the stale lock of pid {holder.get('pid')} (no longer running): {self.path}")
                     self.path.unlink(missing_ok=True)

@@ -20,6 +20,15 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
         check_before_work(cfg, 1)
 
 
+@pytest.mark.parametrize("run_dir", ["data", "data/runs/x"])
+def test_a_run_dir_inside_the_corpus_cache_is_refused(tmp_path, run_dir):
+    cfg = Config(run_dir=str(tmp_path / run_dir), data=DataConfig(cache_dir=str(tmp_path / "data")))
+    with pytest.raises(ConfigError, match=r"run_dir=.* is inside data.cache_dir=.*put the run directory elsewhere"):
+        check_before_work(cfg, 1)
+    cache_in_run = Config(run_dir=str(tmp_path / "run"), data=DataConfig(cache_dir=str(tmp_path / "run" / "data")))
+    check_before_work(cache_in_run, 1)  # a cache inside a run directory harms nothing
+
+
 @pytest.mark.parametrize("stage", ["all", "train"])
 def test_a_resume_path_that_is_not_a_checkpoint_fails_before_prepare(tmp_path, stage):
     cfg = config(tmp_path, stage=stage, train=TrainConfig(resume=str(tmp_path / "nowhere")))

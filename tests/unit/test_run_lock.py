@@ -53,3 +53,20 @@ def test_a_dead_holder_on_this_host_is_stale_and_taken_over(tmp_path, capsys):
     assert f"removing the stale lock of pid {NO_SUCH_PID}" in capsys.readouterr().out
     assert json.loads(RunFiles(tmp_path / "run").lock.read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_an_empty_lock_names_no_run_and_says_what_to_delete(tmp_path):
+    path = RunFiles(tmp_path / "run").lock
+    path.parent.mkdir(parents=True)
+    path.write_text("")  # a run killed between creating the lock and writing it
+    os.utime(path, (0, 0))
+    with pytest.raises(PipelineError, match=rf"names no run \(it is empty or damaged.*delete {path}") as err:
+        RunLock(tmp_path / "run", DistContext()).acquire()
+    assert "None" not in str(err.value)
+    assert path.exists()
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(PipelineError, match=r"cannot write in run_dir=.*a-file/run.*choose a run_dir"):
+        RunLock(tmp_path / "a-file" / "run", DistContext()).acquire()
