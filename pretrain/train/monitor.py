@@ -10,7 +10,7 @@ from tqdm import tqdm
 from pretrain.config import WandbConfig
 from pretrain.ops.loss import perplexity
 from pretrain.parallel.distributed import DistContext
-from pretrain.run_files import RunFiles
+from pretrain.run_files import RunFiles, write_atomic
 from pretrain.tracking import start_wandb
 
 
@@ -48,10 +48,24 @@ class Monitor:
         self.total_steps, self.start_step = total_steps, start_step
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the rows of steps up to ``step`` (a resume rewrites what follows). A line that does not parse, such as
+        the torn last line of a run killed mid-write, is dropped with a note rather than failing the resume."""
         for path in (self.metrics_path, self.val_path):
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-                path.write_text("".join(f"{line}\n" for line in kept))
+            if not path.exists():
+                continue
+            kept, torn = [], 0
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    row_step = int(row["step"])
+                except (ValueError, TypeError, KeyError):
+                    torn += 1
+                    continue
+                if row_step <= step:
+                    kept.append(line)
+            if torn:
+                print(f"dropped {torn} unreadable line(s) of {path} (a write cut short when a run was killed)")
+            write_atomic(path, "".join(f"{line}\n" for line in kept))
 
     def log_step(self, step: int, metrics: dict) -> None:
         if not self.active:
