@@ -38,7 +38,6 @@ RESUME_OVERRIDABLE = (
     "train.grad_clip",
     "train.micro_batch_size",
     "train.grad_accum",
-    "train.precision",
 )
 DATA_SOURCES = ("stdlib", "files", "hf", "mix")
 # What one source of a data=mix mixture may be (data.sources[i].kind), and the keys a source takes.

@@ -21,7 +21,9 @@ from pretrain.train.optim import lr_multiplier
 # Model keys that do not change the function the weights compute (the attention backend computes the same
 # attention) or only matter at initialisation.
 MODEL_FREE = ("attention", "dropout", "init_std")
-TRAIN_FIXED = ("train.seed", "train.zero_stage")
+# DeepSpeed's optimizer state differs by precision (an fp16 loss scaler, bf16 master weights): a checkpoint cannot
+# be loaded under another one, so a precision change is never offered as an override.
+TRAIN_FIXED = ("train.seed", "train.zero_stage", "train.precision")
 
 
 # Compared as the global batch they make with the data-parallel ranks: 2 ranks -> 1 rank with grad_accum doubled is

@@ -166,6 +166,12 @@ def test_resume_changes_optimization_keys_only_when_told():
     cfg, _ = resume_setup(seed=7)
     with pytest.raises(PipelineError, match="train.seed=7.*cannot change within a run"):
         check_resume(record, cfg, cfg.model, record["loader"], "ck")
+    cfg, _ = resume_setup(precision="bf16")  # DeepSpeed's state cannot move between precisions: never offered
+    with pytest.raises(PipelineError, match="train.precision='bf16'.*cannot change within a run") as err:
+        check_resume(record, cfg, cfg.model, record["loader"], "ck")
+    assert "resume_override" not in str(err.value)
+    with pytest.raises(ConfigError, match="train.resume_override holds 'train.precision'"):
+        TrainConfig(resume_override=["train.precision"])
     cfg, _ = resume_setup(max_steps=5000)  # extending a run
     assert check_resume(record, cfg, cfg.model, record["loader"], "ck") == []
     # 2 ranks -> 1 rank with grad_accum doubled: the same global batch, the same run.
