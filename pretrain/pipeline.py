@@ -99,10 +99,29 @@ def check_before_work(cfg: Config, world_size: int) -> None:
     if cfg.stage == "generate":
         plan_generate(cfg)  # a prompt is given, the weights exist, a learned table is long enough
     if cfg.stage in ("all", "train"):
+        if cfg.train.resume == "none":
+            refuse_starting_over(files)
         check_training_split(cfg, world_size)
         CheckpointManager(files.checkpoints, cfg.train.keep_last, DistContext()).find(cfg.train.resume)
         sp_size = cfg.parallel.sp_size
         deepspeed_config(cfg.train, max(1, world_size // sp_size), sp_size)
+
+
+def refuse_starting_over(files: RunFiles) -> None:
+    """``train.resume=none`` in a run directory that has trained would write a new run over the earlier one's
+    metrics, checkpoints and weights; a ConfigError says so and how to start over, before anything is touched."""
+    trained = [
+        path.relative_to(files.root).as_posix()
+        for path in (files.checkpoints / "latest", files.checkpoints / "model.safetensors", files.metrics)
+        if path.is_file() and path.stat().st_size > 0
+    ]
+    trained += sorted(p.relative_to(files.root).as_posix() for p in files.checkpoints.glob("step_*") if p.is_dir())[-1:]
+    if trained:
+        raise ConfigError(
+            f"train.resume=none, but run_dir={str(files.root)!r} already holds a training run ({', '.join(trained)}) "
+            "that starting over would overwrite; to start a new run use another run_dir (or move this one aside "
+            "first); to continue this one, use train.resume=auto"
+        )
 
 
 def print_run_plan(cfg: Config) -> None:

@@ -266,7 +266,8 @@ class CheckpointManager:
         if not (directory / tag / COMPLETE).exists():
             raise PipelineError(
                 f"{key}: {directory / LATEST} names checkpoint {tag!r}, which is missing or incomplete "
-                f"under {directory}; point train.resume at a complete checkpoint or use train.resume=none"
+                f"under {directory}; point train.resume at a complete checkpoint (train.resume={directory}/step_N), or "
+                "start a new run in another run_dir"
             )
         return tag
 

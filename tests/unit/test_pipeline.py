@@ -49,3 +49,21 @@ def test_a_split_the_world_cannot_make_fails_before_prepare(tmp_path):
     cfg.parallel.sp_size = 2
     with pytest.raises(ConfigError, match="does not divide the world size 3"):
         check_before_work(cfg, 3)
+
+
+def test_starting_over_in_a_run_directory_that_trained_is_refused(tmp_path):
+    from pretrain.run_files import RunFiles
+
+    cfg = config(tmp_path, stage="train", train=TrainConfig(resume="none"))
+    check_before_work(cfg, 1)  # an empty run directory: fine
+    files = RunFiles(tmp_path / "run")
+    files.metrics.parent.mkdir(parents=True)
+    files.metrics.write_text('{"step": 1, "loss": 9.0}\n')
+    (files.checkpoints / "step_00000006").mkdir(parents=True)
+    with pytest.raises(
+        ConfigError,
+        match=r"train.resume=none, but run_dir=.* already holds a training run "
+        r"\(train/metrics.jsonl, checkpoints/step_00000006\).*use another run_dir.*train.resume=auto",
+    ):
+        check_before_work(cfg, 1)
+    assert files.metrics.read_text() == '{"step": 1, "loss": 9.0}\n'
