@@ -6,12 +6,50 @@ Every stage of one run directory logs to one wandb run, whose id is kept in the 
 
 from __future__ import annotations
 
+import netrc
 import os
+import socket
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pretrain.config import WandbConfig
+from pretrain.errors import ConfigError
 from pretrain.run_files import RunFiles, write_atomic
+
+# How long the check before any work waits for the wandb server to answer.
+REACH_TIMEOUT_S = 5.0
+
+
+def check_wandb_online(cfg: WandbConfig) -> None:
+    """``wandb=online`` needs an API key and the server: a ConfigError in one line, within seconds, when either is
+    missing (wandb itself fails after minutes, with a traceback, once the run has started writing)."""
+    if cfg.mode != "online":
+        return
+    base = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host = base.hostname or "api.wandb.ai"
+    port = base.port or (80 if base.scheme == "http" else 443)
+    alternative = "use wandb=offline (and `wandb sync` the run directory's wandb/ later) or wandb=disabled"
+    if not os.environ.get("WANDB_API_KEY") and not _netrc_has(host):
+        raise ConfigError(
+            f"wandb=online needs an API key (WANDB_API_KEY, or `wandb login`, which writes ~/.netrc) and none is "
+            f"set for {host}; {alternative}"
+        )
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(
+            f"wandb=online cannot reach {host}:{port} ({err.strerror or err}) within {REACH_TIMEOUT_S:g} s; "
+            f"{alternative}"
+        ) from None
+
+
+def _netrc_has(host: str) -> bool:
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def start_wandb(cfg: WandbConfig, run_dir: str | Path, config: dict | None = None):
