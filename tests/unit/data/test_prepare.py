@@ -318,3 +318,22 @@ def test_data_config_checks_name_the_key(values, message):
 
     with pytest.raises(ConfigError, match=message):
         DataConfig(**values)
+
+
+def test_a_stream_is_cut_into_its_own_shards(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    rows = code_rows(40)
+    for part in range(3):
+        write_jsonl(tmp_path / "hub" / f"part-{part}.jsonl", rows[part * 13 : (part + 1) * 13 + (part == 2)])
+    files = [str(tmp_path / "hub" / "*.jsonl")]
+    stream = prepare_corpus(
+        data_config(tmp_path, source="hf", name="json", data_files=files, streaming=True, val_fraction=0.2)
+    )
+    assert stream.manifest["units"] == 3  # one unit per file of the stream, whatever the workers
+    rows_corpus = prepare_corpus(
+        data_config(tmp_path, source="hf", name="json", data_files=files, streaming=False, val_fraction=0.2)
+    )
+    for split in ("train", "val"):
+        assert decoded_documents(stream, split) == decoded_documents(rows_corpus, split), split
