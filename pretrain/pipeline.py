@@ -31,6 +31,7 @@ from pretrain.perf.plan import format_plan, make_plan
 from pretrain.run_files import RunFiles
 from pretrain.run_lock import RunLock
 from pretrain.run_record import Invocation
+from pretrain.tracking import check_wandb_online
 from pretrain.train.checkpoint import CheckpointManager, complete_tags
 from pretrain.train.loop import check_training_split, run_train
 from pretrain.train.weights import WEIGHTS
@@ -79,6 +80,7 @@ def check_before_work(cfg: Config, world_size: int) -> None:
     files = RunFiles(cfg.run_dir)
     if files.root.exists() and not files.root.is_dir():
         raise ConfigError(f"run_dir={cfg.run_dir!r} is a file; give a directory (it is created when missing)")
+    check_wandb_online(cfg.wandb)
     cache = Path(cfg.data.cache_dir).expanduser().resolve()
     run_root = files.root.expanduser().resolve()
     if run_root == cache or cache in run_root.parents:

@@ -127,10 +127,10 @@ def run_units(jobs: list[UnitJob], units: list[list[Unit]], build: Path, data, s
     tasks = [Task(j, unit) for j, job_units in enumerate(units) for unit in job_units]
     todo = [task for task in tasks if jobs[task.job].done(task.unit) is None]
     done = len(tasks) - len(todo)
-    if done:
-        say(f"{done} of {len(tasks)} units already done; building the other {len(todo)}")
     if not todo:
         return
+    if done:
+        say(f"{done} of {len(tasks)} units already done; building the other {len(todo)}")
     if data.executor == "slurm":
         from pretrain.data.slurm import submit_units
 

@@ -41,6 +41,7 @@ from pretrain.data.executors import DATATROVE_DIR, run_units
 from pretrain.data.manifest import (
     FORMAT_VERSION,
     check_vocabulary,
+    listed_files,
     read_manifest,
     record_verified,
     split_digest,
@@ -48,6 +49,7 @@ from pretrain.data.manifest import (
     write_manifest,
 )
 from pretrain.data.shards import ShardSet, token_dtype
+from pretrain.data.slurm import SlurmSubmitted
 from pretrain.data.tokenizer import TRAINER_OPTIONS, load_tokenizer, special_ids, train_tokenizer
 from pretrain.data.units import (
     UNITS_DIR,
@@ -66,6 +68,8 @@ TOKENIZER_FILE = "spm.model"
 SOURCES_DIR = "sources"
 WORK_DIR = "work"
 TOKENIZER_DONE = "tokenizer.done"
+# What rank 0 hands the other ranks when the units were submitted to Slurm instead of built.
+SLURM_STOP = "slurm-stop:"
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,10 @@ def run_prepare(cfg: Config, ctx, install: bool = True) -> PreparedCorpus:
     prepared: list[PreparedCorpus] = []  # rank 0's, kept rather than read back
 
     def prepare() -> str:
-        corpus = prepare_corpus(cfg.data)
+        try:
+            corpus = prepare_corpus(cfg.data)
+        except SlurmSubmitted as stop:  # not a failure: every rank stops the same way
+            return SLURM_STOP + json.dumps({"message": str(stop), "job_ids": stop.job_ids})
         if install:
             install_tokenizer(corpus, cfg.run_dir)
         prepared.append(corpus)
@@ -243,6 +250,9 @@ def run_prepare(cfg: Config, ctx, install: bool = True) -> PreparedCorpus:
 
     cache = Path(cfg.data.cache_dir).expanduser().resolve()
     detail = run_on_main(ctx, prepare, "prepare the corpus", wait_dir=cache, waiting="the corpus to be prepared")
+    if detail.startswith(SLURM_STOP):
+        stop = json.loads(detail.removeprefix(SLURM_STOP))
+        raise SlurmSubmitted(stop["message"], stop["job_ids"])
     if ctx.is_main:
         return prepared[0]
     corpus = PreparedCorpus.open(Path(detail))
@@ -287,12 +297,18 @@ def prepare_corpus(data: DataConfig, verbose: bool = True) -> PreparedCorpus:
         _note_old_format(final.parent)
         build = final.parent / f".build-{final.name}"
         build.mkdir(exist_ok=True)
+        if data.executor == "slurm":  # its job's tasks may be writing in the build folder: touch nothing while they run
+            from pretrain.data.slurm import stop_if_running
+
+            stop_if_running(build, _say)
         removed = remove_leftovers(build)
         if removed:
             _say(f"removed {removed} temporary files a stopped prepare left in {build}")
         started = time.perf_counter()
         try:
             manifest = _build(data, fingerprint, description, build)
+        except SlurmSubmitted:
+            raise
         except BaseException:
             if not _holds_finished_work(build):
                 shutil.rmtree(build, ignore_errors=True)  # nothing worth resuming (bad input found early)
@@ -301,6 +317,7 @@ def prepare_corpus(data: DataConfig, verbose: bool = True) -> PreparedCorpus:
             raise
         manifest["seconds"]["total"] = round(time.perf_counter() - started, 3)
         (build / "inputs.json").write_text(json.dumps(description, indent=1, sort_keys=True, default=str))
+        _remove_unlisted_shards(build, manifest)
         for scratch in (WORK_DIR, DATATROVE_DIR, UNITS_DIR, TOKENIZER_DONE):
             _remove(build / scratch)
         for source in manifest.get("sources", ()):
@@ -696,6 +713,21 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _remove_unlisted_shards(build: Path, manifest: dict) -> None:
+    """Shards of an earlier cut of a stopped build (another ``data.unit_bytes``) that the manifest does not list."""
+    listed = {build / name for name in listed_files(manifest)}
+    folders = [build / "train", build / "val"]
+    folders += [
+        build / SOURCES_DIR / source["label"] / split
+        for source in manifest.get("sources", ())
+        for split in ("train", "val")
+    ]
+    for folder in folders:
+        for path in folder.glob("*") if folder.is_dir() else ():
+            if path.is_file() and path not in listed:
+                path.unlink()
 
 
 def _note_old_format(cache_root: Path) -> None:

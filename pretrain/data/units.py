@@ -88,6 +88,8 @@ class UnitJob:
             record = json.loads(self.marker(unit).read_text())
         except (OSError, ValueError):
             return None
+        if record.get("rows") != [unit.start, unit.stop]:
+            return None  # a marker of another cut (data.unit_bytes changed between a stopped build and this one)
         for split in ("train", "val"):
             entry = record.get(split) or {}
             for key in ("path", "docs"):

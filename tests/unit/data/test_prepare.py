@@ -337,3 +337,26 @@ def test_a_stream_is_cut_into_its_own_shards(tmp_path, monkeypatch):
     )
     for split in ("train", "val"):
         assert decoded_documents(stream, split) == decoded_documents(rows_corpus, split), split
+
+
+def test_a_stopped_build_resumed_with_another_unit_size_rebuilds_the_other_cut(tmp_path, monkeypatch):
+    from pretrain.data.units import UnitJob
+
+    reference = prepare_corpus(data_config(tmp_path / "reference", unit_bytes=60_000))
+    real_run_unit = UnitJob.run_unit
+    calls = []
+
+    def stopped_at_the_fourth(self, unit):
+        calls.append(unit.number)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_run_unit(self, unit)
+
+    monkeypatch.setattr(UnitJob, "run_unit", stopped_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus(data_config(tmp_path, unit_bytes=25_000))  # 3 units of another cut are done
+    monkeypatch.setattr(UnitJob, "run_unit", real_run_unit)
+    resumed = prepare_corpus(data_config(tmp_path, unit_bytes=60_000))
+    assert corpus_files(resumed.directory) == corpus_files(reference.directory)
+    shards = {p.relative_to(resumed.directory).as_posix() for p in resumed.directory.rglob("*.bin")}
+    assert shards == {s["path"] for split in ("train", "val") for s in resumed.manifest["splits"][split]["shards"]}
