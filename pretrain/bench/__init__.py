@@ -26,7 +26,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "prepare": (
         "pretrain.bench.prepare",
-        "tokens/s of the prepare stage (tokenizer training, tokenizing, shards) on the stdlib corpus",
+        "tokens/s of the prepare stage on the stdlib corpus; --sections: CPU cost, workers, RSS, temp disk by size",
+    ),
+    "loader": (
+        "pretrain.bench.loader",
+        "first-batch time, peak RSS per rank and read amplification of the training loader on a sparse corpus",
     ),
     "generate": (
         "pretrain.bench.generate",
