@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.data.units import UNITS_DIR, Unit, UnitJob, set_parent_death_signal
+from pretrain.data.units import UNITS_DIR, Unit, UnitJob, forks_die_with_parent, set_parent_death_signal
 from pretrain.errors import PipelineError
 from pretrain.run_files import write_atomic
 
@@ -81,7 +81,10 @@ def _local_executor_class():
     class QuietLocalExecutor(LocalPipelineExecutor):
         # datatrove prints a task's INFO lines on the console when its local_rank is 0; the log file keeps them.
         def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-            return super()._run_for_rank(rank, local_rank=local_rank + 1, node_rank=node_rank)
+            try:
+                return super()._run_for_rank(rank, local_rank=local_rank + 1, node_rank=node_rank)
+            finally:
+                _quiet_datatrove()  # it restores its INFO console logger after each task ("k/N tasks completed")
 
     return QuietLocalExecutor
 
@@ -120,10 +123,11 @@ class _Progress:
         self.bar.close()
 
 
-def run_units(jobs: list[UnitJob], units: list[list[Unit]], build: Path, data, say) -> None:
+def run_units(jobs: list[UnitJob], units: list[list[Unit]], build: Path, data, say, submit=None) -> None:
     """Build every unit not done yet, on ``data.executor``; a PipelineError with the first unit's error if any failed.
 
-    For ``data.executor=slurm`` this submits the array and raises ``SlurmSubmitted`` (the stage ends there)."""
+    For ``data.executor=slurm``, ``submit(jobs, todo, build, data, say)`` (``pretrain.data.slurm.submit_units``, which
+    the prepare stage passes in) submits the array and raises ``SlurmSubmitted``: the stage ends there."""
     tasks = [Task(j, unit) for j, job_units in enumerate(units) for unit in job_units]
     todo = [task for task in tasks if jobs[task.job].done(task.unit) is None]
     done = len(tasks) - len(todo)
@@ -132,9 +136,8 @@ def run_units(jobs: list[UnitJob], units: list[list[Unit]], build: Path, data, s
     if done:
         say(f"{done} of {len(tasks)} units already done; building the other {len(todo)}")
     if data.executor == "slurm":
-        from pretrain.data.slurm import submit_units
-
-        submit_units(jobs, todo, build, data, say)  # raises SlurmSubmitted
+        assert submit is not None, "data.executor=slurm needs the submit function (pretrain.data.slurm.submit_units)"
+        submit(jobs, todo, build, data, say)  # raises SlurmSubmitted
     workers = min(data.workers or available_cpus(), len(todo))
     started = time.perf_counter()
     if workers <= 1:
@@ -153,7 +156,7 @@ def run_units(jobs: list[UnitJob], units: list[list[Unit]], build: Path, data, s
             skip_completed=False,  # the units' own markers decide what is done
             start_method="forkserver",
         )
-        with _Progress(jobs, todo, done):
+        with _Progress(jobs, todo, done), forks_die_with_parent():
             executor.run()
     raise_unit_errors(jobs, tasks)
     if len(todo) > 1:

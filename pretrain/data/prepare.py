@@ -49,7 +49,7 @@ from pretrain.data.manifest import (
     write_manifest,
 )
 from pretrain.data.shards import ShardSet, token_dtype
-from pretrain.data.slurm import SlurmSubmitted
+from pretrain.data.slurm import SlurmSubmitted, stop_if_running, submit_units
 from pretrain.data.tokenizer import TRAINER_OPTIONS, load_tokenizer, special_ids, train_tokenizer
 from pretrain.data.units import (
     UNITS_DIR,
@@ -298,8 +298,6 @@ def prepare_corpus(data: DataConfig, verbose: bool = True) -> PreparedCorpus:
         build = final.parent / f".build-{final.name}"
         build.mkdir(exist_ok=True)
         if data.executor == "slurm":  # its job's tasks may be writing in the build folder: touch nothing while they run
-            from pretrain.data.slurm import stop_if_running
-
             stop_if_running(build, _say)
         removed = remove_leftovers(build)
         if removed:
@@ -437,7 +435,7 @@ def _build(data: DataConfig, fingerprint: str, description: dict, build: Path) -
         )
         sources.append(_Source(label, kind, weight, job, part.units(data.unit_bytes), part))
     t0 = time.perf_counter()
-    run_units([s.job for s in sources], [s.units for s in sources], build, data, _say)
+    run_units([s.job for s in sources], [s.units for s in sources], build, data, _say, submit=submit_units)
     timings["tokenize"] = time.perf_counter() - t0
     splits_of = [_collect(source) for source in sources]
     manifest: dict[str, Any] = {

@@ -189,6 +189,31 @@ def remove_leftovers(build: Path) -> int:
     return removed
 
 
+_forks_die_with_parent = False
+
+
+def _after_fork_in_child() -> None:
+    if _forks_die_with_parent:
+        set_parent_death_signal()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class forks_die_with_parent:
+    """While active, every process forked from this one (a pool's manager process, say) is killed with its parent:
+    the executors' helpers a library forks are covered too, not only the workers that run units."""
+
+    def __enter__(self):
+        global _forks_die_with_parent
+        _forks_die_with_parent = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _forks_die_with_parent
+        _forks_die_with_parent = False
+
+
 def set_parent_death_signal() -> None:
     """Linux: this process is killed when its parent dies, so a ``kill -9`` of the prepare leaves no worker behind."""
     if not hasattr(os, "getppid") or not os.path.exists("/proc/self"):

@@ -101,6 +101,13 @@ def _run_on_main_by_file(ctx: DistContext, work, what: str, folder: Path, waitin
     token = broadcast_from_main(ctx, f"{os.getpid()}-{time.time_ns()}")
     status_file = folder / f".rank0-status-{token}.json"
     if ctx.is_main:
+        # A failure leaves its status for the ranks still to read it; a day later nobody will.
+        for stale in folder.glob(".rank0-status-*.json") if folder.is_dir() else ():
+            try:
+                if time.time() - stale.stat().st_mtime > 86400:
+                    stale.unlink()
+            except OSError:
+                pass
         failure, status = None, None
         try:
             status = {"state": "ok", "detail": work()}

@@ -9,8 +9,8 @@ import pytest
 from data_fixtures import (
     code_rows,
     complete_corpora,
-    corpus_files,
     config,
+    corpus_files,
     data_config,
     leftovers,
     stdlib_texts,
