@@ -58,6 +58,19 @@ SOURCE_KEYS = (
 )
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_precision(precision: str, device_type: str, bf16_supported: bool = False, saved: str | None = None) -> str:
+    """``train.precision`` as a run uses it: ``auto`` is the resumed checkpoint's precision (``saved``), else bf16
+    on a CUDA device that supports it, else fp32 (so the default CPU run is the fp32 run it always was)."""
+    if precision != "auto":
+        return precision
+    if saved is not None:
+        return saved
+    return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+
+
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
@@ -386,7 +399,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     zero_stage: int = 0
-    precision: str = "fp32"
+    # auto: the checkpoint's precision on resume, else bf16 where the device has it, fp32 on CPU
+    # (resolve_precision; the train stage resolves it before anything is recorded). On CUDA, fp32 matmuls use TF32.
+    precision: str = "auto"
     activation_checkpointing: bool = False
     # torch.compile the model through DeepSpeed's engine.compile(). Off by default: on a 2-core CPU the
     # compiled tiny model stepped 3x slower than eager (graph breaks around the blockwise kernel).
@@ -456,7 +471,7 @@ class TrainConfig:
         if self.init_from is not None and not str(self.init_from).strip():
             raise ConfigError("train.init_from holds an empty path; give a run directory, checkpoint or hf/ export")
         check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        check_choice("train.precision", self.precision, ("bf16", "fp16", "fp32"))
+        check_choice("train.precision", self.precision, PRECISIONS)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} is not allowed; it must be in [0, 1]")
         if self.stop_at_step is not None:
@@ -597,9 +612,12 @@ class GenerateConfig:
     checkpoint: Optional[str] = None
     # Prompts decoded together (of any lengths: no padding enters attention).
     batch_size: int = 8
+    # A prompt longer than this many tokens is refused before any decoding (a stray huge line would decode for hours).
+    max_prompt_tokens: int = 32768
 
     def __post_init__(self) -> None:
         check_positive("generate.max_new_tokens", self.max_new_tokens)
+        check_positive("generate.max_prompt_tokens", self.max_prompt_tokens)
         check_positive("generate.batch_size", self.batch_size)
         check_positive("generate.temperature", self.temperature, allow_zero=True)
         if self.top_k is not None:

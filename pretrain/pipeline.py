@@ -11,6 +11,7 @@ to a Slurm job (``data.executor=slurm``) stops on purpose, with one line saying 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,6 +21,7 @@ from pretrain.data.prepare import install_tokenizer, run_prepare
 from pretrain.data.slurm import SlurmSubmitted
 from pretrain.errors import EXIT_STOPPED_EARLY, ConfigError, PipelineError
 from pretrain.eval.during_training import training_extrapolation
+from pretrain.eval.passkey import check_passkey_fits
 from pretrain.eval.run import plan_eval, run_eval
 from pretrain.eval.split import check_eval_split
 from pretrain.eval.windows import eval_lengths
@@ -94,6 +96,9 @@ def check_before_work(cfg: Config, world_size: int) -> None:
         heads = {"model": cfg.model.n_head}
         explicit = bool(cfg.eval.lengths)
         check_eval_split(eval_lengths(cfg), explicit, cfg.model.seq_len, heads, cfg.parallel, world_size)
+        check_passkey_fits(
+            replace(cfg.model, vocab_size=getattr(cfg.data, "vocab_size", cfg.model.vocab_size)), cfg.eval
+        )
     if cfg.stage == "eval":
         plan_eval(cfg, world_size)
     if cfg.stage == "export":

@@ -39,6 +39,7 @@ from pretrain.eval.windows import shard
 from pretrain.model.gpt import GPT
 from pretrain.model.positions import max_length
 from pretrain.parallel.distributed import DistContext, all_reduce
+from pretrain.perf.fit import activation_bytes, available_memory, format_bytes, largest_fitting
 
 INSTRUCTION = "There is a pass key hidden in this text. Find it and remember it.\n"
 FILLER = (
@@ -197,6 +198,30 @@ def passkey_lengths(cfg: Config, encode) -> tuple[list[int], list[dict]]:
         if n < shortest
     ]
     return [n for n in lengths if n >= shortest], skipped
+
+
+def check_passkey_fits(model_cfg: ModelConfig, ecfg: EvalConfig) -> None:
+    """One line, before any work, for a passkey length whose trial cannot fit in memory: each trial runs the prompt
+    with its true and ``eval.passkey_distractors`` wrong answers through the model at once."""
+    if not ecfg.passkey:
+        return
+    lengths = ecfg.passkey_lengths or [model_cfg.seq_len * m for m in PASSKEY_MULTIPLES]
+    rows = ecfg.passkey_distractors + 1
+    budget, where = available_memory()
+    weights = (12 * model_cfg.n_layer * model_cfg.d_model**2 + model_cfg.vocab_size * model_cfg.d_model) * 4
+
+    def need(length: int) -> int:
+        return weights + activation_bytes(model_cfg, rows, length)
+
+    longest = max(lengths)
+    if need(longest) <= budget:
+        return
+    fit = largest_fitting(need, longest, budget)
+    raise ConfigError(
+        f"eval.passkey_lengths holds {longest:,}: a trial of that length runs {rows} prompts (eval.passkey_distractors"
+        f" + 1) of {longest:,} tokens through the model at once, at least {format_bytes(need(longest))}, and {where}; "
+        f"give lengths of at most {fit:,} tokens (or fewer eval.passkey_distractors)"
+    )
 
 
 def evaluate_passkey(

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pretrain.config import Config
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.errors import PipelineError
-from pretrain.eval.passkey import evaluate_passkey, passkey_lengths
+from pretrain.eval.passkey import check_passkey_fits, evaluate_passkey, passkey_lengths
 from pretrain.eval.perplexity import evaluate_model
 from pretrain.eval.report import write_outputs
 from pretrain.eval.sources import ModelSource, load_model, resolve_sources, source_model_config
@@ -47,6 +47,8 @@ def plan_eval(cfg: Config, world_size: int) -> tuple[Config, list[ModelSource], 
     lengths = eval_lengths(cfg)
     heads = {f"{s.name} ({s.key})": source_model_config(s).n_head for s in sources}
     check_eval_split(lengths, bool(cfg.eval.lengths), primary_cfg.seq_len, heads, cfg.parallel, world_size)
+    for source in sources:  # each model runs the passkey trials
+        check_passkey_fits(source_model_config(source), cfg.eval)
     return cfg, sources, lengths
 
 

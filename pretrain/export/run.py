@@ -12,6 +12,8 @@ before anything is renamed into place.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
@@ -27,9 +29,9 @@ from pretrain.export.model_card import model_card
 from pretrain.export.tokenizer import build_tokenizer, check_convertible, check_same_encoding, tokenizer_files
 from pretrain.model.bloom import bloom_config, check_bloom_compatible, to_bloom_state_dict
 from pretrain.parallel.distributed import DistContext, run_on_main
-from pretrain.run_files import RunFiles
+from pretrain.run_files import RunFiles, file_sha256
 from pretrain.train.checkpoint import complete_tags
-from pretrain.train.weights import WEIGHTS, load_weights
+from pretrain.train.weights import WEIGHTS, load_weights, recorded_tokenizer_sha256
 
 HF_DIR = "hf"  # RunFiles.hf
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -92,6 +94,23 @@ def find_tokenizer(cfg: Config, source: ModelSource) -> Path:
     )
 
 
+def check_trained_tokenizer(source: ModelSource, tokenizer: Path) -> None:
+    """The tokenizer exported with the weights must be the one they were trained with: training records its SHA-256
+    with the final weights (``model_config.json``) and every checkpoint (``complete.json``). Weights saved before it
+    was recorded are checked by their vocabulary size only (in ``_write``)."""
+    expected = recorded_tokenizer_sha256(source.weights_dir)
+    if expected is None:
+        return
+    actual = file_sha256(tokenizer)
+    if actual != expected:
+        raise PipelineError(
+            f"the tokenizer {tokenizer} (SHA-256 {actual[:12]}...) is not the one the weights in "
+            f"{source.weights_dir} were trained with (SHA-256 {expected[:12]}..., recorded with them): their token ids "
+            f"would mean other pieces; put that run's tokenizer back at {tokenizer} (data.* settings of another "
+            "corpus replace it), or export the weights from the run they belong to"
+        )
+
+
 def plan_export(cfg: Config) -> ExportPlan:
     """What to export; raises ConfigError (a model BLOOM cannot represent) or PipelineError (missing weights or
     tokenizer, a tokenizer that does not convert, a vocabulary mismatch) before any work."""
@@ -99,6 +118,7 @@ def plan_export(cfg: Config) -> ExportPlan:
     model_cfg = source_model_config(source)
     check_bloom_compatible(model_cfg)
     tokenizer = find_tokenizer(cfg, source)
+    check_trained_tokenizer(source, tokenizer)
     check_convertible(tokenizer.read_bytes(), str(tokenizer))
     return ExportPlan(source, model_cfg, tokenizer)
 
@@ -141,8 +161,7 @@ def export_hf(cfg: Config, plan: ExportPlan, say=print) -> Path:
     """Build the export in a temporary sibling of ``<run_dir>/hf`` and rename it into place."""
     target = hf_dir(cfg.run_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{HF_DIR}.tmp-*"):  # left by an export that crashed
-        shutil.rmtree(stale, ignore_errors=True)
+    recover_stale(target, say)
     build = target.parent / f".{HF_DIR}.tmp-{os.getpid()}"
     build.mkdir()
     try:
@@ -154,19 +173,53 @@ def export_hf(cfg: Config, plan: ExportPlan, say=print) -> Path:
     return target
 
 
+def recover_stale(target: Path, say=print) -> None:
+    """Clean up after an export that was killed: its build folders (``.hf.tmp-PID``) are removed, and a previous
+    export it had moved aside (``.hf.old-PID``, where exchanging the two folders in one step is not supported) is
+    put back as ``hf/`` when there is none, else removed."""
+    for stale in target.parent.glob(f".{HF_DIR}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    olds = sorted(target.parent.glob(f".{HF_DIR}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        os.replace(olds.pop(), target)
+        say(f"[export] put back {target}: an export killed while replacing it had moved it aside")
+    for stale in olds:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not supported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _replace(build: Path, target: Path) -> None:
+    """Put the complete export ``build`` in place of ``target``: a kill at any point leaves the previous export or
+    the new one at ``target`` (exchanged in one step), or, where that is not supported, the previous one moved aside
+    as ``.hf.old-PID``, which the next export puts back (``recover_stale``). ``build`` then holds what is left."""
     umask = os.umask(0)
     os.umask(umask)
     for path in build.iterdir():  # safetensors writes its file private; the export is for sharing
         path.chmod(0o666 & ~umask)
-    old = None
-    if target.exists():
-        old = target.parent / f".{HF_DIR}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
+    if not target.exists():
+        os.replace(build, target)
+        return
+    if _exchange(build, target):
+        return  # build now holds the previous export, removed by the caller
+    old = target.parent / f".{HF_DIR}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
     os.replace(build, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(cfg: Config, plan: ExportPlan, out: Path, say) -> None:

@@ -18,11 +18,12 @@ from pretrain.config import Config, ModelConfig
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.errors import PipelineError
 from pretrain.eval.sources import ModelSource, checkpoint_source, load_model, resolve_sources, source_model_config
-from pretrain.generate.decode import generate
+from pretrain.generate.decode import PREFILL_CHUNK, generate
 from pretrain.generate.prompts import read_prompts
 from pretrain.generate.sampling import Sampling
 from pretrain.model.positions import max_length
 from pretrain.parallel.distributed import DistContext
+from pretrain.perf.fit import activation_bytes, available_memory, format_bytes, kv_cache_bytes, largest_fitting
 from pretrain.run_files import RunFiles, write_atomic
 
 
@@ -63,7 +64,56 @@ def plan_generate(cfg: Config) -> tuple[list[str], ModelSource, ModelConfig]:
     source = weights_source(cfg)
     model_cfg = source_model_config(source)
     check_length(model_cfg, 1, cfg.generate.max_new_tokens)
+    check_fits(model_cfg, cfg.generate, [1] * len(prompts))  # the prompts' lengths are known once encoded
     return prompts, source, model_cfg
+
+
+def decode_bytes(model_cfg: ModelConfig, gcfg, prompt_lengths: list[int], max_new_tokens: int) -> int:
+    """The memory decoding these prompts takes at least: the weights, a batch's KV cache (the whole prompt and
+    completion, or the window and one prefill chunk) and the activations of its prefill pass."""
+    rows = min(gcfg.batch_size, len(prompt_lengths))
+    longest = max(prompt_lengths)
+    if gcfg.window is None:
+        cache_tokens, prefill = longest + max_new_tokens, longest
+    else:
+        prefill = min(PREFILL_CHUNK, longest)
+        cache_tokens = gcfg.window - 1 + prefill
+    d, layers = model_cfg.d_model, model_cfg.n_layer
+    weights = (12 * layers * d * d + model_cfg.vocab_size * d) * 4
+    return weights + kv_cache_bytes(model_cfg, rows, cache_tokens) + activation_bytes(model_cfg, rows, prefill)
+
+
+def check_fits(model_cfg: ModelConfig, gcfg, prompt_lengths: list[int]) -> None:
+    """One line, before any decoding, when the prompts and ``generate.max_new_tokens`` cannot fit in memory."""
+    budget, where = available_memory()
+    need = decode_bytes(model_cfg, gcfg, prompt_lengths, gcfg.max_new_tokens)
+    if need <= budget:
+        return
+    rows, longest = min(gcfg.batch_size, len(prompt_lengths)), max(prompt_lengths)
+    fit = largest_fitting(lambda n: decode_bytes(model_cfg, gcfg, prompt_lengths, n), gcfg.max_new_tokens, budget)
+    prompts = f"{rows} prompt(s) of up to {longest:,} tokens" if longest > 1 else f"{rows} prompt(s)"
+    fixes = [f"lower generate.max_new_tokens to at most {fit:,}" if fit >= 1 else "shorten the prompts"]
+    if gcfg.window is None:
+        fixes.append("set generate.window=W (a cache of constant size)")
+    if rows > 1:
+        fixes.append(f"lower generate.batch_size={gcfg.batch_size}")
+    raise PipelineError(
+        f"generate.max_new_tokens={gcfg.max_new_tokens:,} cannot fit: decoding {prompts} with it needs at least "
+        f"{format_bytes(need)} (a KV cache of {model_cfg.n_layer} layers x d_model {model_cfg.d_model} per position "
+        f"and prompt), and {where}; {', or '.join(fixes)}"
+    )
+
+
+def check_prompt_lengths(prompts: list[str], encoded: list[list[int]], max_prompt_tokens: int) -> None:
+    """One line for the first prompt longer than ``generate.max_prompt_tokens`` (or encoding to no tokens)."""
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded), start=1):
+        if not ids:
+            raise PipelineError(f"the prompt {prompt!r} encodes to no tokens; give some text to continue")
+        if len(ids) > max_prompt_tokens:
+            raise PipelineError(
+                f"prompt {i} of {len(prompts)} ({prompt[:40]!r}...) has {len(ids):,} tokens, more than "
+                f"generate.max_prompt_tokens={max_prompt_tokens:,}; shorten it, or raise generate.max_prompt_tokens"
+            )
 
 
 def check_length(model_cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -92,13 +142,12 @@ def run_generate(cfg: Config, ctx: DistContext, corpus) -> list[dict] | None:
     gcfg = cfg.generate
     # Every rank checks (and fails) alike, so that none waits at the barrier for a rank that stopped.
     check_tokenizer(source, corpus.tokenizer_path)
-    model, model_cfg = load_model(source, corpus, ctx.device)
     sp = load_tokenizer(corpus.tokenizer_path)
     encoded = [sp.encode(prompt) for prompt in prompts]
-    for prompt, ids in zip(prompts, encoded):
-        if not ids:
-            raise PipelineError(f"the prompt {prompt!r} encodes to no tokens; give some text to continue")
-    check_length(model_cfg, max(len(ids) for ids in encoded), gcfg.max_new_tokens)
+    check_prompt_lengths(prompts, encoded, gcfg.max_prompt_tokens)  # before the weights are loaded
+    check_length(source_model_config(source), max(len(ids) for ids in encoded), gcfg.max_new_tokens)
+    check_fits(source_model_config(source), gcfg, [len(ids) for ids in encoded])
+    model, model_cfg = load_model(source, corpus, ctx.device)
     if not ctx.is_main:
         ctx.barrier()
         return None

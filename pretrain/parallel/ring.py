@@ -158,6 +158,8 @@ class _RingAttention(torch.autograd.Function):
                     dq[:, :, qslice] += bq
                     dk_cur[:, :, kslice] += bk
                     dv_cur[:, :, kslice] += bv
+            if sp_size == 1:
+                break  # one rank: the chunk and its accumulators are already home; nothing is sent to itself
             # The chunk moves on with its gradient accumulators; after the last step only the
             # accumulators travel, and each arrives back at the rank that owns the chunk.
             moving = [dk_cur, dv_cur] if step == sp_size - 1 else [k_cur, v_cur, dk_cur, dv_cur]

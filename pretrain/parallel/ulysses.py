@@ -32,6 +32,8 @@ class UlyssesAttention:
         heads_here = n_head // self.sp_size
         # After the all-to-all this rank attends global heads sp_rank * H/P ...: their slopes, from the one rule.
         self.rank_slopes = head_slopes(n_head, self.sp_rank * heads_here, heads_here)
+        # This rank's slopes on each device they were asked for: copied once, not by a blocking copy every call.
+        self._slopes_on: dict[torch.device, torch.Tensor] = {}
         self._slopes: Optional[torch.Tensor] = None
         self._window: Optional[int] = None
 
@@ -41,9 +43,15 @@ class UlyssesAttention:
         out = alibi_attention(q, k, v, self._slopes, 0, 0, backend=self.backend, window=self._window)
         return out.transpose(1, 2)
 
+    def slopes_on(self, device: torch.device) -> torch.Tensor:
+        """This rank's float32 slopes on ``device``, copied there on the first call only."""
+        if device not in self._slopes_on:
+            self._slopes_on[device] = self.rank_slopes.to(device)
+        return self._slopes_on[device]
+
     def __call__(self, q, k, v, slopes, q_offset=0, k_offset=0, window=None):
         # ``slopes`` is the model's buffer for all heads (None: the model has no ALiBi).
-        self._slopes = None if slopes is None else self.rank_slopes.to(slopes.device)
+        self._slopes = None if slopes is None else self.slopes_on(slopes.device)
         self._window = window
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, L/P, H, D]
         out = self.dist_attn(q, k, v, 0)

@@ -8,11 +8,11 @@ for its backward pass; ``tests/test_plan.py`` holds it within 15% of peaks measu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from pretrain.config import Config, ModelConfig
+from pretrain.config import Config, ModelConfig, resolve_precision
 from pretrain.model.positions import position_parameters
 from pretrain.ops.loss import chunk_tokens
 from pretrain.parallel.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
@@ -153,7 +153,8 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None, devic
     sp = cfg.parallel.sp_size
     dp = max(1, world_size // sp)
     n = parameter_count(model)
-    t = cfg.train
+    # train.precision=auto as a new run on that device resolves it (bf16 on CUDA, fp32 on CPU).
+    t = replace(cfg.train, precision=resolve_precision(cfg.train.precision, device, device == "cuda"))
     tokens_per_rank = t.micro_batch_size * model.seq_len // sp
     memory = model_state_bytes(n, t.precision, t.zero_stage, dp * sp)
     checkpointing = t.activation_checkpointing

@@ -8,6 +8,7 @@ Layout under ``<run_dir>/checkpoints/``::
                         the train.* settings and data position a resume is checked against; the SHA-256 of
                         every file, verified before loading)
     step_00000100.corrupt/  a checkpoint that failed verification on resume, kept for inspection, never loaded
+                        (``.corrupt-2``, ``-3``, ... when the same step failed again after a re-save)
     latest              the tag of the newest *complete* checkpoint (replaced atomically)
     step_00000100_universal/  the same checkpoint in DeepSpeed's universal format, made when a ZeRO run
                         resumes on another number of ranks
@@ -85,8 +86,22 @@ def rng_state() -> dict:
             "cached": float(cached),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # This rank's own device only: a resume may see fewer GPUs (or other ones) than the run that saved.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
+
+
+def cuda_rng_state_to_restore(saved, current_device: int):
+    """The CUDA generator state to restore on ``current_device`` from a checkpoint's ``"cuda"`` entry: one state
+    (this release: the saving rank's device), or, from earlier releases, the list of every visible device's,
+    of which the current device's entry (the first one when the list is shorter); None when nothing was saved."""
+    if saved is None:
+        return None
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if len(saved) == 0:
+        return None
+    return saved[current_device] if current_device < len(saved) else saved[0]
 
 
 def set_rng_state(state: dict) -> None:
@@ -104,7 +119,9 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda_state = cuda_rng_state_to_restore(state["cuda"], torch.cuda.current_device())
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
 
 
 def allowed_globals() -> list:
@@ -226,8 +243,20 @@ class CheckpointManager:
             return []
         # A latest naming a checkpoint that is not there is refused, not passed over: the directory was changed by
         # hand or by another program, and starting over from an older checkpoint (or none) would hide it.
+        named = (self.directory / LATEST).read_text().strip()
+        if self._set_aside_interrupted(named):  # by an earlier release, which renamed before moving latest
+            return [tag for tag in reversed(complete_tags(self.directory)) if tag < named]
         latest = self._read_latest(self.directory, "train.resume=auto")
         return [tag for tag in reversed(complete_tags(self.directory)) if tag <= latest]
+
+    def _set_aside_interrupted(self, tag: str) -> bool:
+        """Whether ``latest`` names a checkpoint this program was setting aside as corrupt when it stopped."""
+        if not TAG_PATTERN.fullmatch(tag) or (self.directory / tag / COMPLETE).exists():
+            return False
+        step_dir = self.directory / tag
+        return (step_dir / f"{COMPLETE}.unverified").exists() or (
+            not step_dir.exists() and any(self.directory.glob(f"{tag}.corrupt*"))
+        )
 
     def find_verified(self, resume: str, say=print) -> tuple[Path, str] | None:
         """``find``, with every file of the checkpoint verified against the checksums recorded when it was saved.
@@ -243,22 +272,48 @@ class CheckpointManager:
                 if problem:
                     raise PipelineError(f"train.resume={resume!r}: {problem}")
             return found
-        for tag in self._auto_candidates():
-            recorded = self.record(self.directory, tag).get("checksums")
-            problem = verify_checksums(self.directory / tag, recorded, self.ctx)
+        candidates = self._auto_candidates()
+        for index, tag in enumerate(candidates):
+            problem = self._problem(tag)
             if problem is None:
                 if self.ctx.is_main and (self.directory / LATEST).read_text().strip() != tag:
                     write_atomic(self.directory / LATEST, tag)
                 self.ctx.barrier()
                 return self.directory, tag
             if self.ctx.is_main:
-                say(f"skipping checkpoint {tag}: {problem}; it is kept as {tag}.corrupt and not loaded")
-                (self.directory / tag / COMPLETE).rename(self.directory / tag / f"{COMPLETE}.unverified")
-                (self.directory / tag).rename(self.directory / f"{tag}.corrupt")
+                self._set_aside(tag, problem, candidates[index + 1 :], say)
             self.ctx.barrier()
-        if (self.directory / LATEST).exists() and self.ctx.is_main:
+        if candidates and self.ctx.is_main:
             say(f"no checkpoint under {self.directory} verifies: training starts from the beginning")
         return None
+
+    def _problem(self, tag: str) -> str | None:
+        """Why checkpoint ``tag`` cannot be resumed from (a damaged ``complete.json`` or a file that does not match
+        its checksum), or None. Every rank calls (they share the hashing)."""
+        try:
+            record = self.record(self.directory, tag)
+        except PipelineError as err:
+            return str(err)
+        if not isinstance(record, dict) or not isinstance(record.get("checksums", {}), (dict, type(None))):
+            return f"{self.directory / tag / COMPLETE} is damaged (not the record this program writes)"
+        return verify_checksums(self.directory / tag, record.get("checksums"), self.ctx)
+
+    def _set_aside(self, tag: str, problem: str, older: list[str], say) -> None:
+        """Rank 0: take a checkpoint that failed verification out of use, safely at every point of a crash.
+
+        ``latest`` moves first (to the next older candidate, or is removed when there is none), so it never names a
+        checkpoint that is being set aside; then the directory is renamed, in one step, to a name not yet taken
+        (``<tag>.corrupt``, ``<tag>.corrupt-2``, ...: the same step may be corrupted again after a re-save); last its
+        ``complete.json`` is renamed inside it, so the kept copy is never taken for a complete checkpoint."""
+        if older:
+            write_atomic(self.directory / LATEST, older[0])
+        else:
+            (self.directory / LATEST).unlink(missing_ok=True)
+        kept = corrupt_name(self.directory, tag)
+        say(f"skipping checkpoint {tag}: {problem}; it is kept as {kept.name} and not loaded")
+        (self.directory / tag).rename(kept)
+        if (kept / COMPLETE).exists():
+            (kept / COMPLETE).rename(kept / f"{COMPLETE}.unverified")
 
     @staticmethod
     def _read_latest(directory: Path, key: str) -> str:
@@ -343,6 +398,16 @@ def describe_write_error(err: BaseException, path: Path) -> str:
             return f"the disk is full ({free // 2**20} MiB free at {path.parent})"
         return f"a file could not be written in full: the disk is full or a file-size limit was reached ({path})"
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def corrupt_name(directory: Path, tag: str) -> Path:
+    """A name not yet taken for setting checkpoint ``tag`` aside: ``<tag>.corrupt``, else ``<tag>.corrupt-N``."""
+    path = Path(directory) / f"{tag}.corrupt"
+    n = 2
+    while path.exists() or path.is_symlink():
+        path = Path(directory) / f"{tag}.corrupt-{n}"
+        n += 1
+    return path
 
 
 def complete_tags(directory: Path) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config
+from pretrain.config import Config, resolve_precision
 from pretrain.data.loader import ValidationSplits, train_loader
 from pretrain.data.prepare import install_tokenizer
 from pretrain.model.gpt import GPT
@@ -33,7 +33,7 @@ from pretrain.parallel.layout import SequenceLayout, check_split
 from pretrain.parallel.sequence_parallel import apply_sequence_parallel
 from pretrain.perf.flops import flops_per_token, mfu, peak_flops
 from pretrain.perf.memory import MIB, peak_memory_meter, preload_framework_code
-from pretrain.run_files import RunFiles
+from pretrain.run_files import RunFiles, file_sha256
 from pretrain.train.activation_checkpointing import apply_activation_checkpointing
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.guard import DivergenceGuard
@@ -134,6 +134,20 @@ def check_training_split(cfg: Config, world_size: int) -> None:
     )
 
 
+def resolved_precision(cfg: Config, ctx: DistContext, record: dict | None) -> Config:
+    """``cfg`` with ``train.precision=auto`` resolved before anything records or compares it: a resumed run keeps
+    its checkpoint's precision (one recorded before ``auto`` existed: fp32, the default then), a new one takes bf16
+    where the device has it, fp32 on CPU. On CUDA, fp32 matmuls run on the TF32 tensor cores."""
+    device = ctx.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    saved = None if record is None else record.get("train_config", {}).get("train.precision", "fp32")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(cfg.train.precision, device.type, bf16, saved)
+    return cfg if precision == cfg.train.precision else replace(cfg, train=replace(cfg.train, precision=precision))
+
+
 def run_train(
     cfg: Config,
     ctx: DistContext,
@@ -158,6 +172,7 @@ def run_train(
     groups = build_parallel_groups(ctx, pcfg.sp_size)
     dp_size = groups.dp_size
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
+    tokenizer_sha256 = file_sha256(corpus.tokenizer_path)  # recorded with every checkpoint and the final weights
     loader = train_loader(  # one train shard, or a mixture's sources drawn by weight (data=mix)
         corpus,
         model_cfg.seq_len,
@@ -169,6 +184,8 @@ def run_train(
     # Verified against the checksums saved with it (train.resume=auto falls back past a corrupt one), and checked
     # against this config and corpus, before anything is loaded or written.
     found = checkpoints.find_verified(tcfg.resume)
+    cfg = resolved_precision(cfg, ctx, checkpoints.record(*found) if found is not None else None)
+    tcfg = cfg.train
     overrides = []
     if found is not None:
         where = str(found[0] / found[1])
@@ -237,6 +254,11 @@ def run_train(
         + "".join(f"\nchanged on resume: {change}" for change in overrides)
         + (f"\n{init_note}" if init_note else "")
     )
+    if peak is None and ctx.device.type == "cuda":
+        monitor.write(
+            f"MFU omitted: no dense peak is known for {torch.cuda.get_device_name()} at {tcfg.precision} "
+            "(pretrain.perf.flops.DEVICE_PEAKS); set train.peak_flops=FLOP/s to log it"
+        )
     stopper = StopSignal(tcfg.stop_at_step, tcfg.time_limit_s, ctx)
     wall_start = time.monotonic()
     step, loss_value = start_step, resumed_loss
@@ -305,6 +327,7 @@ def run_train(
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:
                 client_state = {"step": step, "loader": loader.state_dict(), "loss": loss_value}
                 record = {"train_config": train_record(cfg, dp_size), "loader": loader.state_dict(), "loss": loss_value}
+                record["tokenizer_sha256"] = tokenizer_sha256  # export and train.init_from check their tokenizer
                 checkpoints.save(engine, step, client_state, model_cfg, record)  # model_cfg: evaluable on its own
             if stopping:
                 monitor.write(
@@ -313,7 +336,9 @@ def run_train(
                 break
         finished = step >= tcfg.max_steps
         if finished:
-            weights = save_weights(engine.module, model_cfg, RunFiles(run_dir).checkpoints, ctx, tcfg.zero_stage)
+            weights = save_weights(
+                engine.module, model_cfg, RunFiles(run_dir).checkpoints, ctx, tcfg.zero_stage, tokenizer_sha256
+            )
         if finished and step > start_step:
             monitor.write(
                 f"trained {step} steps ({step * tokens_per_step:,} tokens) in {time.monotonic() - wall_start:.0f} s: "

@@ -32,18 +32,55 @@ WEIGHTS_CHECKSUM = "model.safetensors.sha256"
 
 
 MODEL_CONFIG = "model_config.json"
+# In model_config.json beside the model's keys: the SHA-256 of the sentencepiece model the weights were trained with
+# (also in a checkpoint's complete.json); export and train.init_from compare it with the tokenizer they are given.
+TOKENIZER_SHA256 = "tokenizer_sha256"
+# In model.safetensors' metadata: the model config the tensors were saved with, checked against model_config.json.
+CONFIG_METADATA = "model_config"
 
 
 def saved_model_config(values: dict) -> ModelConfig:
     """The ``ModelConfig`` a run recorded. A record without ``embed_scale`` predates the key: its absolute encodings
     were trained with tokens and positions added unscaled (1.0), not with today's default (model/positions.py)."""
+    values = {k: v for k, v in values.items() if k != TOKENIZER_SHA256}
     if "embed_scale" not in values and is_absolute(values.get("pos_encoding", "alibi")):
         values = {**values, "embed_scale": 1.0}
     return ModelConfig(**values)
 
 
-def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, directory: Path, ctx: DistContext, zero_stage: int):
-    """Write ``model.safetensors`` and ``model_config.json``, gathering ZeRO-3 partitions first. All ranks call."""
+def read_model_config(path: Path) -> ModelConfig:
+    """``saved_model_config`` of a ``model_config.json``; one line naming the file when it cannot be one."""
+    try:
+        values = json.loads(Path(path).read_text())
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+        return saved_model_config(values)
+    except (OSError, ValueError, TypeError, ConfigError) as err:
+        raise PipelineError(f"{path} is not a usable model config ({type(err).__name__}: {err})") from None
+
+
+def recorded_tokenizer_sha256(weights_dir: Path) -> str | None:
+    """The SHA-256 of the tokenizer the weights in ``weights_dir`` (final weights, or one checkpoint) were trained
+    with, as training recorded it; None for weights saved before it was recorded."""
+    weights_dir = Path(weights_dir)
+    record = weights_dir / COMPLETE if is_checkpoint(weights_dir) else weights_dir / MODEL_CONFIG
+    try:
+        value = json.loads(record.read_text()).get(TOKENIZER_SHA256)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def save_weights(
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    directory: Path,
+    ctx: DistContext,
+    zero_stage: int,
+    tokenizer_sha256: str | None = None,
+):
+    """Write ``model.safetensors`` (with the model config in its metadata) and ``model_config.json`` (with
+    ``tokenizer_sha256``, the tokenizer trained with), gathering ZeRO-3 partitions first. All ranks call."""
     from safetensors.torch import save_file
 
     params = list(model.parameters())
@@ -61,11 +98,13 @@ def save_weights(model: torch.nn.Module, model_cfg: ModelConfig, directory: Path
         directory.mkdir(parents=True, exist_ok=True)
         # Through a temporary file: a reader, or a crash, sees the old weights or the new ones.
         tmp = directory / f".{WEIGHTS}.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        metadata = {"format": "pt", CONFIG_METADATA: json.dumps(asdict(model_cfg))}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
         digest = file_sha256(tmp)
         os.replace(tmp, directory / WEIGHTS)
         write_atomic(directory / WEIGHTS_CHECKSUM, f"{digest}  {WEIGHTS}\n")
-        write_atomic(directory / MODEL_CONFIG, json.dumps(asdict(model_cfg), indent=2))
+        record = asdict(model_cfg) | ({TOKENIZER_SHA256: tokenizer_sha256} if tokenizer_sha256 else {})
+        write_atomic(directory / MODEL_CONFIG, json.dumps(record, indent=2))
     ctx.barrier()
     return directory / WEIGHTS
 
@@ -80,16 +119,68 @@ def load_weights(directory: Path) -> tuple[ModelConfig, dict]:
         return load_checkpoint_weights(directory)
     if not (directory / WEIGHTS).exists():
         raise PipelineError(f"no {WEIGHTS} in {directory}: train the model first (stage=train)")
-    cfg = saved_model_config(json.loads((directory / MODEL_CONFIG).read_text()))
+    cfg = read_model_config(directory / MODEL_CONFIG)
     path = directory / WEIGHTS
     checksum = directory / WEIGHTS_CHECKSUM
-    if checksum.is_file() and file_sha256(path) != checksum.read_text().split()[0]:
+    if not checksum.is_file():
+        # The train stage writes it beside every model.safetensors: without it an edit or a torn copy goes unseen.
+        raise PipelineError(
+            f"{path} has no checksum file {checksum.name} beside it, so the weights cannot be verified: copy it with "
+            f"the weights, or, if these weights are yours as they are, write it: "
+            f"(cd {directory} && sha256sum {WEIGHTS} > {WEIGHTS_CHECKSUM})"
+        )
+    if file_sha256(path) != checksum.read_text().split()[0]:
         raise PipelineError(f"{path} does not match its checksum in {checksum.name} (corrupt or truncated)")
     try:
         state = load_file(str(path))
+        metadata = _metadata(path)
     except Exception as err:  # safetensors' own error types
         raise PipelineError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    check_config_matches(cfg, state, directory / MODEL_CONFIG, metadata.get(CONFIG_METADATA))
     return cfg, check_finite(state, path)
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def check_config_matches(cfg: ModelConfig, state: dict, where: Path, saved_with: str | None = None) -> None:
+    """One line when the model config ``where`` holds is not the one of the tensors in ``state``: another config
+    than the one recorded in the weights file (``saved_with``, JSON; absent before it was recorded), or shapes that
+    another model would have (the layers present, the widths, the vocabulary)."""
+    if saved_with:
+        try:
+            recorded = asdict(saved_model_config(json.loads(saved_with)))
+        except (ValueError, TypeError, ConfigError):
+            recorded = None
+        if recorded is not None:
+            for key, value in asdict(cfg).items():
+                if key in recorded and recorded[key] != value:
+                    raise PipelineError(
+                        f"{where} says {key}={value!r}, but the weights beside it were saved with "
+                        f"{key}={recorded[key]!r}: put back the {MODEL_CONFIG} written with them (or set {key}: "
+                        f"{recorded[key]!r} in it)"
+                    )
+    from pretrain.model.gpt import GPT
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in GPT(cfg).state_dict().items()}
+    for name, shape in expected.items():
+        there = tuple(state[name].shape) if name in state else None
+        if there != shape:
+            raise PipelineError(
+                f"{where} describes a model ({_shape(cfg)}) whose weight {name} is {shape}, but the weights beside it "
+                f"hold {there or 'no such tensor'}: the config is not the one these weights were saved with"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise PipelineError(
+            f"{where} describes a model ({_shape(cfg)}) without weight {extra[0]}, which the weights beside it hold "
+            f"({len(extra)} such): the config is not the one these weights were saved with"
+        )
 
 
 def check_finite(state: dict, where: Path) -> dict:
@@ -106,7 +197,7 @@ def model_config(directory: Path) -> ModelConfig:
     directory = Path(directory)
     if is_checkpoint(directory):
         return checkpoint_model_config(directory)
-    return saved_model_config(json.loads((directory / MODEL_CONFIG).read_text()))
+    return read_model_config(directory / MODEL_CONFIG)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -204,8 +295,10 @@ def _module_weights(step_dir: Path) -> dict:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["module"]
 
 
-def _init_source(path: Path) -> tuple[ModelConfig, dict, Path | None]:
-    """``(ModelConfig, state_dict, the run directory or None)`` of what ``train.init_from`` names."""
+def _init_source(path: Path) -> tuple[ModelConfig, dict, Path | None, Path]:
+    """``(ModelConfig, state_dict, the directory whose tokenizer they go with or None, the weights' directory)`` of
+    what ``train.init_from`` names: a run directory (its ``tokenizer/spm.model``), or an exported ``hf/`` (its
+    ``tokenizer.json``, and the run it is in). Non-float tensors keep their dtype (``check_float`` refuses them)."""
     from safetensors.torch import load_file
 
     key = f"train.init_from={str(path)!r}"
@@ -221,7 +314,8 @@ def _init_source(path: Path) -> tuple[ModelConfig, dict, Path | None]:
             raise PipelineError(f"{key}: {err}") from None
         except Exception as err:  # safetensors' own error types
             raise PipelineError(f"{key}: {path / WEIGHTS} cannot be read ({type(err).__name__}: {err})") from None
-        return cfg, check_finite({k: v.float() for k, v in state.items()}, path), None
+        check_float(state, path / WEIGHTS, key)
+        return cfg, check_finite({k: v.float() for k, v in state.items()}, path), path, path
     if (path / "checkpoints").is_dir():  # a run directory
         run_dir, path = path, path / "checkpoints"
     else:
@@ -232,22 +326,17 @@ def _init_source(path: Path) -> tuple[ModelConfig, dict, Path | None]:
             raise PipelineError(f"{key}: {path} holds neither {WEIGHTS} nor a complete checkpoint")
         path = path / tags[-1]
     cfg, state = load_weights(path)
-    return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, run_dir
+    return cfg, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, run_dir, path
 
 
 def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer: Path) -> str:
     """Load the weights ``train.init_from`` names into ``model`` (a new run: no optimizer state, schedule or data
     position is taken); return a line saying what was loaded. Shapes must match: PipelineError naming both models.
     A run directory's tokenizer must be ``tokenizer``'s."""
-    saved_cfg, state, run_dir = _init_source(Path(init_from))
+    saved_cfg, state, run_dir, weights_dir = _init_source(Path(init_from))
     key = f"train.init_from={init_from!r}"
-    if run_dir is not None:
-        theirs = run_dir / "tokenizer" / "spm.model"
-        if theirs.is_file() and theirs.read_bytes() != Path(tokenizer).read_bytes():
-            raise PipelineError(
-                f"{key} was trained with another tokenizer ({theirs}) than these data.* settings give; its token "
-                "ids would mean other pieces here: use the data.* settings (or data.tokenizer) it was trained with"
-            )
+    check_float(state, weights_dir, key)
+    check_init_tokenizer(weights_dir, run_dir, Path(tokenizer), key)
     ours = model.state_dict()
     now = model.cfg
     for name, tensor in ours.items():
@@ -262,6 +351,63 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer: Path) -
     if saved_cfg.pos_encoding != now.pos_encoding:
         note += f"; note: its positions were {saved_cfg.pos_encoding}, this run's are {now.pos_encoding}"
     return note + "; the optimizer, schedule and data start fresh"
+
+
+def check_float(state: dict, where: Path, key: str) -> None:
+    """One line naming the first tensor that is not floating point (quantized or edited weights): casting it to
+    float would train from numbers that are not the weights."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise PipelineError(
+                f"{key}: weight {name} in {where} is {str(tensor.dtype).removeprefix('torch.')}, not floating point "
+                "(quantized or edited weights); give weights as training or the export wrote them (fp32, bf16 or fp16)"
+            )
+
+
+def check_init_tokenizer(weights_dir: Path, source_dir: Path | None, tokenizer: Path, key: str) -> None:
+    """The tokenizer of the weights ``train.init_from`` names must be ``tokenizer``, whichever kind of path names
+    them: the hash training recorded with them, their run's ``tokenizer/spm.model``, an exported ``tokenizer.json``'s
+    vocabulary and the run the export is in. PipelineError in one line."""
+    hint = "its token ids would mean other pieces here: use the data.* settings (or data.tokenizer) it was trained with"
+    ours = tokenizer.read_bytes()
+    recorded = recorded_tokenizer_sha256(weights_dir)
+    if recorded and recorded != file_sha256(tokenizer):
+        raise PipelineError(
+            f"{key} was trained with another tokenizer (SHA-256 {recorded[:12]}..., recorded with the weights) "
+            f"than these data.* settings give ({tokenizer}, {file_sha256(tokenizer)[:12]}...); {hint}"
+        )
+    if source_dir is None:
+        return
+    export = (source_dir / "config.json").is_file() and not (source_dir / MODEL_CONFIG).is_file()  # an hf/
+    theirs = (source_dir.parent if export else source_dir) / "tokenizer" / "spm.model"  # the run's
+    if theirs.is_file() and theirs.read_bytes() != ours:
+        raise PipelineError(
+            f"{key} was trained with another tokenizer ({theirs}) than these data.* settings give; {hint}"
+        )
+    theirs = source_dir / "tokenizer.json"
+    if export and theirs.is_file() and (difference := _vocabulary_difference(theirs, ours)):
+        raise PipelineError(f"{key} comes with another tokenizer ({theirs}: {difference}) than {tokenizer}; {hint}")
+
+
+def _vocabulary_difference(tokenizer_json: Path, spm_model: bytes) -> str | None:
+    """How an exported ``tokenizer.json``'s vocabulary differs from a sentencepiece model's pieces (the id of each
+    piece), or None when they agree."""
+    import sentencepiece as spm
+
+    try:
+        vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]["vocab"]
+        sp = spm.SentencePieceProcessor(model_proto=spm_model)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        return f"cannot be compared ({type(err).__name__}: {err})"
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    if isinstance(vocab, list):  # a unigram model: [[piece, score], ...]
+        vocab = {entry[0]: i for i, entry in enumerate(vocab)}
+    if len(vocab) != len(pieces):
+        return f"{len(vocab)} pieces, this tokenizer has {len(pieces)}"
+    for i, piece in enumerate(pieces):
+        if vocab.get(piece) != i:
+            return f"id {i} is {next((p for p, j in vocab.items() if j == i), None)!r} there, {piece!r} here"
+    return None
 
 
 def _shape(cfg: ModelConfig) -> str:

@@ -67,6 +67,8 @@ def check_steps_evaluate_as_saved(workdir, run_dir):
 def test_a_checkpoint_records_its_model_config(zero0):
     record = json.loads((zero0 / "checkpoints" / "step_00000002" / COMPLETE).read_text())
     final = json.loads((zero0 / "checkpoints" / MODEL_CONFIG).read_text())
+    # Beside the model's keys, both record the SHA-256 of the tokenizer the weights were trained with.
+    assert final.pop("tokenizer_sha256") == record["tokenizer_sha256"] == file_sha256(zero0 / "tokenizer" / "spm.model")
     assert record["model_config"] == final and final["vocab_size"] == 512  # the tokenizer's, not model=tiny's
 
 

@@ -10,6 +10,7 @@ import torch._dynamo
 from cli import run_python
 from torch._dynamo.utils import counters
 
+import pretrain.ops.attention.flex as flex
 from pretrain.ops.alibi import slopes
 from pretrain.ops.attention.flex import FlexRecompileError, flex_alibi_attention
 from pretrain.ops.attention.reference import eager_attention
@@ -50,13 +51,15 @@ def test_a_default_run_compiles_a_bounded_number_of_kernels_and_each_is_right():
     # shape of each mode static, then dynamic ones), never one per shape (the limit before the fix: 8, then the
     # dense fallback).
     assert 1 <= compiled <= 6, compiled
+    assert compiled <= flex.KERNEL_BOUND
 
 
-def test_hitting_the_recompile_limit_is_an_error_not_a_dense_fallback():
+def test_hitting_the_recompile_limit_is_an_error_not_a_dense_fallback(monkeypatch):
     q = torch.randn(1, HEADS, 128, HEAD_DIM)
     with torch.inference_mode():
         flex_alibi_attention(q, q, q, slopes(HEADS), return_lse=False)  # compiled at least once
-        with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(FlexRecompileError, match="refusing"):
+        monkeypatch.setattr(flex, "RECOMPILE_LIMIT", 1)  # the limit the call sets, from flex.KERNEL_BOUND
+        with pytest.raises(FlexRecompileError, match="refusing"):
             flex_alibi_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), slopes(HEADS), return_lse=False)
 
 

@@ -6,9 +6,11 @@ passkey prompts, ring blocks):
 - **One compiled kernel for many calls.** The offsets and the window reach ``score_mod``/``mask_mod`` as
   tensors captured by the closures, not as Python numbers baked into the graph, and lengths are dynamic: a
   new length, offset or window reuses the compiled kernel. What still compiles anew (grad mode, dtype, the
-  first dynamic shape) is a handful of kernels a run. Should the recompile limit be hit anyway, the call
-  raises ``FlexRecompileError`` naming the cause: torch would otherwise run the *uncompiled* flex_attention,
-  which builds the whole ``[B, H, L, L]`` score matrix (48 GiB at L=32768 with 12 heads).
+  first dynamic shape) is a handful of kernels a run. ``KERNEL_BOUND`` states how many a process may compile
+  (torch's own limit, 8 per function, is less than the GPU bench needs), and the recompile limit of this one
+  function is set to it. Should that limit be hit anyway, the call raises ``FlexRecompileError`` naming the
+  cause: torch would otherwise run the *uncompiled* flex_attention, which builds the whole ``[B, H, L, L]``
+  score matrix (48 GiB at L=32768 with 12 heads).
 - **Block masks from block indices.** The mask is built from the position ranges of its 128 x 128 blocks,
   O((L/128)^2) small integers, never an ``L x L`` tensor.
 - **No host-device sync per call.** Offset and window tensors are made once per value and device, and
@@ -33,6 +35,16 @@ NO_WINDOW = 1 << 62
 # Block masks kept: a run needs one per (length, offset, window) it attends with; ring blocks and eval lengths
 # make tens, not thousands.
 MASK_CACHE_SIZE = 256
+# Kernels torch may compile for flex_attention in one process: one per head count, head dim, dtype and grad mode,
+# each first static and then dynamic in the length. Counted (``python -m pretrain.bench gpu --rehearse``, and
+# tests/e2e/test_bench_gpu_rehearse.py, tests/e2e/test_flex_compile.py): a default ``stage=all`` compiles at most 6,
+# the GPU bench at most ``BENCH_KERNELS`` (its five sections: 10 shapes x dtypes in ``flex``, one shape in
+# ``attention``, the ring's blocks with and without grad, the tiny model's eval; the ``train_step`` section
+# compiles in its own processes). The limit is that bound with room for a user's few extra shapes; past it the
+# call is an error, never torch's dense fallback.
+BENCH_KERNELS = 24
+KERNEL_BOUND = 32
+RECOMPILE_LIMIT = KERNEL_BOUND
 
 
 class FlexRecompileError(RuntimeError):
@@ -129,17 +141,22 @@ def alibi_score_mod(slopes: torch.Tensor | None, q_offset: torch.Tensor, k_offse
     return no_bias if slopes is None else score_mod
 
 
-_compiled_flex = None
+_compiled_flex: dict[bool, object] = {}
+# Whether lengths compile as dynamic shapes (a new length reuses the kernel). ``bench gpu --rehearse`` turns it off
+# on CPU: torch 2.13's CPU FlexAttention template fails to build a second dynamic-shape kernel with another head
+# count or head dim in one process (g++: "'cur_qSplitSize5' was not declared in this scope"); static kernels,
+# one per shape, build, and their count bounds the dynamic one from above.
+dynamic_shapes = True
 
 
-def compiled_flex_attention():
-    """``flex_attention`` compiled once per process, with dynamic shapes (a new length reuses the kernel)."""
-    global _compiled_flex
-    if _compiled_flex is None:
+def compiled_flex_attention(dynamic: bool | None = None):
+    """``flex_attention`` compiled once per process, with dynamic shapes unless ``dynamic_shapes`` is off."""
+    dynamic = dynamic_shapes if dynamic is None else dynamic
+    if dynamic not in _compiled_flex:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
-    return _compiled_flex
+        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _compiled_flex[dynamic]
 
 
 def flex_alibi_attention(
@@ -167,13 +184,13 @@ def flex_alibi_attention(
     # kernel, whose block mask and recompile guard stay host code. Tracing flex_attention into the model's
     # graph instead failed to lower on CPU (torch 2.13).
     try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
             result = compiled_flex_attention()(q, k, v, **kwargs)
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise FlexRecompileError(
-            f"FlexAttention was compiled {torch._dynamo.config.recompile_limit} times in this process (now for "
+            f"FlexAttention was compiled {RECOMPILE_LIMIT} times in this process (flex.KERNEL_BOUND; now for "
             f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, grad {'on' if torch.is_grad_enabled() else 'off'}); "
             "refusing torch's fallback to uncompiled flex_attention, which builds the whole [B, H, Lq, Lk] score "
-            "matrix. Raise torch._dynamo.config.recompile_limit if these shapes are all needed."
+            "matrix. Raise pretrain.ops.attention.flex.RECOMPILE_LIMIT if these shapes are all needed."
         ) from err
     return (result[0], result[1].lse.float()) if return_lse else (result, None)

@@ -17,6 +17,7 @@ from pretrain.export import run as export_run
 from pretrain.export.run import plan_export, run_export
 from pretrain.model.gpt import GPT
 from pretrain.parallel.distributed import DistContext
+from pretrain.run_files import file_sha256
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 600
@@ -37,6 +38,9 @@ def make_run(root: Path, spm_model: bytes, **model_overrides) -> tuple[Path, GPT
     weights = root / "checkpoints"
     weights.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights / "model.safetensors"))
+    (weights / "model.safetensors.sha256").write_text(
+        f"{file_sha256(weights / 'model.safetensors')}  model.safetensors\n"
+    )
     (weights / "model_config.json").write_text(json.dumps(asdict(cfg)))
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "spm.model").write_bytes(spm_model)

@@ -106,13 +106,17 @@ def test_weights_that_are_damaged_or_not_finite_fail_in_one_line(tmp_path):
     flip(tmp_path / WEIGHTS, at=2000)
     with pytest.raises(PipelineError, match=r"model.safetensors does not match its checksum"):
         load_weights(tmp_path)
-    (tmp_path / WEIGHTS_CHECKSUM).unlink()  # no record: the reader's own error, in one line
+    (tmp_path / WEIGHTS_CHECKSUM).unlink()  # no record: refused, naming the file and how to proceed
+    with pytest.raises(PipelineError, match=r"has no checksum file model.safetensors.sha256 .*sha256sum"):
+        load_weights(tmp_path)
     (tmp_path / WEIGHTS).write_bytes((tmp_path / WEIGHTS).read_bytes()[:100])
+    (tmp_path / WEIGHTS_CHECKSUM).write_text(file_sha256(tmp_path / WEIGHTS))  # truncated, its checksum rewritten
     with pytest.raises(PipelineError, match=r"model.safetensors cannot be read"):
         load_weights(tmp_path)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["h.0.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
     save_file(state, str(tmp_path / WEIGHTS))
+    (tmp_path / WEIGHTS_CHECKSUM).write_text(file_sha256(tmp_path / WEIGHTS))
     with pytest.raises(PipelineError, match=r"weight h.0.mlp.dense_h_to_4h.weight holds NaN"):
         load_weights(tmp_path)
     assert nonfinite_tensors(state) == ["h.0.mlp.dense_h_to_4h.weight"]
