@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.bench.options import positive_int
+from pretrain.bench.options import positive_float, positive_int
 
 PHASES = ("load", "split", "tokenizer", "tokenize")
 SECTIONS = ("stdlib", "scale", "encode", "workers")
@@ -584,13 +584,6 @@ def run_sections(params: PrepareBenchParams, work_dir: Path | None, say=print) -
     return found
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be > 0")
-    return value
-
-
 def parse_params(argv: list[str], prog: str) -> tuple[PrepareBenchParams, argparse.Namespace]:
     from pretrain.errors import ConfigError
 
@@ -608,13 +601,13 @@ def parse_params(argv: list[str], prog: str) -> tuple[PrepareBenchParams, argpar
     )
     parser.add_argument(
         "--sizes-mb",
-        type=_positive_float,
+        type=positive_float,
         nargs="+",
         default=[20.0, 100.0],
         help="synthetic input sizes in MB of the scale rows; encode and workers use the smallest (default 20 100)",
     )
     parser.add_argument(
-        "--unit-mb", type=_positive_float, default=1.0, help="data.unit_bytes in MB of the workers rows (default 1)"
+        "--unit-mb", type=positive_float, default=1.0, help="data.unit_bytes in MB of the workers rows (default 1)"
     )
     parser.add_argument(
         "--workers", type=positive_int, default=2, help="data.workers compared with 1 in the workers rows (default 2)"

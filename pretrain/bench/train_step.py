@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.bench.options import positive_int
+from pretrain.bench.options import positive_float, positive_int
 from pretrain.extras import optional_import
 from pretrain.perf.memory import MIB
 
@@ -519,13 +519,6 @@ def versions(impls: tuple[str, ...]) -> dict:
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be > 0")
-    return value
-
-
 def parse_params(argv: list[str], prog: str) -> tuple[TrainStepBenchParams, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS), help="default: tiny 125m")
@@ -544,13 +537,13 @@ def parse_params(argv: list[str], prog: str) -> tuple[TrainStepBenchParams, argp
     parser.add_argument("--device", choices=sorted(DEFAULTS), default="cpu")
     parser.add_argument(
         "--max-seconds",
-        type=_positive_float,
+        type=positive_float,
         default=300.0,
         help="time budget of one row (warm-up + timed steps); a row that would take longer is skipped (default 300)",
     )
     parser.add_argument(
         "--max-memory-gib",
-        type=_positive_float,
+        type=positive_float,
         help="skip a row whose rough memory estimate is larger (default: 60%% of the memory available at start)",
     )
     parser.add_argument(

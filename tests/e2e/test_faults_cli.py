@@ -13,7 +13,7 @@ import socket
 import time
 
 import pytest
-from cli import SMALL_RUN, metrics, run_pretrain
+from cli import SMALL_RUN, metrics, refusal, run_pretrain
 
 TRAIN = ["stage=train", *SMALL_RUN, "train.max_steps=6", "train.ckpt_every=2"]
 
@@ -33,14 +33,6 @@ def copy(run_dir, tmp_path):
 
 def snapshot(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def refusal(proc) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: "), proc.stderr[-3000:]
-    return line
 
 
 def test_a_run_dir_inside_the_cache_is_refused_and_a_foreign_folder_is_moved_aside(trained, tmp_path):

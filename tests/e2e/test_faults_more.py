@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from cli import SMALL_RUN, metrics, run_pretrain
+from cli import SMALL_RUN, metrics, refusal, run_pretrain
 from safetensors.torch import load_file, save_file
 
 RUN = [*SMALL_RUN, "model=tiny"]
@@ -37,15 +37,6 @@ def copy(run_dir, tmp_path, name="run"):
     target = tmp_path / name
     shutil.copytree(run_dir, target)
     return target
-
-
-def refusal(proc) -> str:
-    """The one line a refused command ends with; no traceback before it."""
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: "), proc.stderr[-3000:]
-    return line
 
 
 def flip_bytes(path, count=64):

@@ -196,25 +196,30 @@ def test_given_tokenizer_is_used_as_is(stdlib_corpus, tmp_path):
     assert other.vocab_size == corpus.vocab_size and other.metadata["tokenizer"]["trained"] is False
 
 
-def test_a_stopped_prepare_keeps_its_finished_units_and_resumes_to_the_same_bytes(tmp_path, monkeypatch, capsys):
+def stopped_at_the_fourth_unit(monkeypatch, cfg) -> None:
+    """A prepare of ``cfg`` stopped (KeyboardInterrupt) as its fourth unit starts: three units are done."""
     from pretrain.data.units import UnitJob
 
-    reference = prepare_corpus(data_config(tmp_path / "reference", unit_bytes=40_000))
     real_run_unit = UnitJob.run_unit
     calls = []
 
-    def stopped_at_the_fourth(self, unit):
+    def stopped(self, unit):
         calls.append(unit.number)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real_run_unit(self, unit)
 
-    monkeypatch.setattr(UnitJob, "run_unit", stopped_at_the_fourth)
+    with monkeypatch.context() as patch:
+        patch.setattr(UnitJob, "run_unit", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_corpus(cfg)
+
+
+def test_a_stopped_prepare_keeps_its_finished_units_and_resumes_to_the_same_bytes(tmp_path, monkeypatch, capsys):
+    reference = prepare_corpus(data_config(tmp_path / "reference", unit_bytes=40_000))
     cfg = data_config(tmp_path, unit_bytes=40_000)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_corpus(cfg)
+    stopped_at_the_fourth_unit(monkeypatch, cfg)
     assert complete_corpora(tmp_path / "cache") == [] and len(leftovers(tmp_path / "cache")) == 1
-    monkeypatch.setattr(UnitJob, "run_unit", real_run_unit)
     resumed = prepare_corpus(cfg)
     out = capsys.readouterr().out
     assert "keeping the tokenizer a stopped prepare of this corpus trained" in out
@@ -340,22 +345,8 @@ def test_a_stream_is_cut_into_its_own_shards(tmp_path, monkeypatch):
 
 
 def test_a_stopped_build_resumed_with_another_unit_size_rebuilds_the_other_cut(tmp_path, monkeypatch):
-    from pretrain.data.units import UnitJob
-
     reference = prepare_corpus(data_config(tmp_path / "reference", unit_bytes=60_000))
-    real_run_unit = UnitJob.run_unit
-    calls = []
-
-    def stopped_at_the_fourth(self, unit):
-        calls.append(unit.number)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_run_unit(self, unit)
-
-    monkeypatch.setattr(UnitJob, "run_unit", stopped_at_the_fourth)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_corpus(data_config(tmp_path, unit_bytes=25_000))  # 3 units of another cut are done
-    monkeypatch.setattr(UnitJob, "run_unit", real_run_unit)
+    stopped_at_the_fourth_unit(monkeypatch, data_config(tmp_path, unit_bytes=25_000))  # 3 units of another cut
     resumed = prepare_corpus(data_config(tmp_path, unit_bytes=60_000))
     assert corpus_files(resumed.directory) == corpus_files(reference.directory)
     shards = {p.relative_to(resumed.directory).as_posix() for p in resumed.directory.rglob("*.bin")}
