@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from pretrain.config import Config, TrainConfig, resolve_precision
@@ -32,9 +33,18 @@ def test_the_default_cpu_run_trains_in_fp32_as_before():
     assert deepspeed_config(cfg.train, 1) == deepspeed_config(TrainConfig(precision="fp32"), 1)
 
 
-def test_a_gpu_run_gets_bf16_and_tf32_and_an_old_fp32_checkpoint_still_resumes(monkeypatch):
+@pytest.fixture
+def tf32_restored():
+    """torch's TF32 switches as they were (set and reset by hand: they are properties of torch's backend modules,
+    which pytest's monkeypatch cannot undo on every pytest release)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_gpu_run_gets_bf16_and_tf32_and_an_old_fp32_checkpoint_still_resumes(monkeypatch, tf32_restored):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     assert resolved_precision(Config(), _ctx("cuda"), None).train.precision == "bf16"
     assert torch.backends.cuda.matmul.allow_tf32
     old = {"train_config": {"train.precision": "fp32", "train.seed": 1234}}
