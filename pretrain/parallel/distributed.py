@@ -90,6 +90,18 @@ def run_on_main(ctx: DistContext, work, what: str, wait_dir: Path | None = None,
 
 
 WAIT_NOTE_SECONDS = 300.0
+# How long rank 0 waits, after a failure, for the other ranks to read it before it exits.
+ACK_WAIT_SECONDS = 30.0
+
+
+def _acks(status_file: Path) -> list[Path]:
+    return list(status_file.parent.glob(f"{status_file.name}.ack-*"))
+
+
+def _wait_for_acks(status_file: Path, expected: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while len(_acks(status_file)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _describe(err: BaseException) -> str:
@@ -123,13 +135,20 @@ def _run_on_main_by_file(ctx: DistContext, work, what: str, folder: Path, waitin
             if failure is None:
                 raise
         if failure is not None:
+            # Wait (briefly) until the other ranks have read the failure: a launcher that sees rank 0 exit kills them,
+            # and each should first say why it stops.
+            _wait_for_acks(status_file, ctx.world_size - 1, ACK_WAIT_SECONDS)
+            for path in (status_file, *_acks(status_file)):
+                path.unlink(missing_ok=True)
             raise failure
         ctx.barrier()  # every rank has read the status: remove it
         status_file.unlink(missing_ok=True)
         return status["detail"]
     started = last_note = time.monotonic()
+    pause = 0.02
     while not status_file.is_file():
-        time.sleep(1.0)
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)  # quick to see a fast answer, cheap on a long wait
         if time.monotonic() - last_note >= WAIT_NOTE_SECONDS:
             last_note = time.monotonic()
             print(
@@ -138,6 +157,10 @@ def _run_on_main_by_file(ctx: DistContext, work, what: str, folder: Path, waitin
             )
     status = json.loads(status_file.read_text())
     if status["state"] == "error":
+        try:  # read: rank 0, waiting for this, may now exit
+            status_file.with_name(f"{status_file.name}.ack-{ctx.rank}").touch()
+        except OSError:
+            pass
         raise PipelineError(f"rank 0 could not {what}: {status['detail']}")
     ctx.barrier()
     return status["detail"]
