@@ -140,16 +140,8 @@ def test_val_batches_in_order_split_across_ranks(shard):
 
 
 def test_an_epoch_visits_every_window_once_across_shards(tmp_path):
-    from pretrain.data.shards import ShardSet
-
     sizes = [700, 129, 64, 1000]  # one shard too short for any window
-    paths, start = [], 0
-    for i, size in enumerate(sizes):
-        path = tmp_path / f"{i:05d}.bin"
-        np.arange(start, start + size, dtype=np.uint32).tofile(path)
-        paths.append((path, size))
-        start += size
-    shards = ShardSet(paths, "uint32")
+    shards = sharded(tmp_path, sizes)
     data = TokenWindowLoader(shards, "uint32", SEQ, 2, seed=3)
     assert data.n_windows == sum(max(0, (size - SEQ) // SEQ) for size in sizes)
     seen = []
