@@ -3,7 +3,9 @@
 Users pick checkpoints and tune on what they watch, so every ``train.eval_every`` steps the train stage scores
 ``train.eval_lengths`` (multiples of ``model.seq_len``) with the eval stage's own code (``evaluate_model``: the
 same windows, the same windowed control, sequence parallelism when the run has it) on ``train.eval_tokens``
-predictions per length, and logs ``val/ppl@{k}x`` and ``val/context_gain@{k}x`` (the windowed loss minus the full
+predictions per length, and logs ``val/ppl@{k}x`` (with ``val/loss_stderr@{k}x`` and the 95% interval
+``val/ppl_low@{k}x`` .. ``val/ppl_high@{k}x``, as the eval stage's rows carry them) and
+``val/context_gain@{k}x`` (the windowed loss minus the full
 loss: how much the context beyond the training length lowers the loss; negative when it hurts).
 
 The train stage sits below this package, so the pipeline hands it the function built here.
@@ -62,6 +64,9 @@ def training_extrapolation(cfg: Config, ctx: DistContext, corpus) -> Callable[[t
             k = entry["length"] // seq_len
             metrics[f"ppl@{k}x"] = entry["ppl"]
             metrics[f"loss@{k}x"] = entry["loss"]
+            if entry["ppl_ci95"] is not None:  # at least two windows
+                metrics[f"loss_stderr@{k}x"] = entry["loss_stderr"]
+                metrics[f"ppl_low@{k}x"], metrics[f"ppl_high@{k}x"] = entry["ppl_ci95"]
             metrics[f"context_gain@{k}x"] = entry["windowed_loss"] - entry["loss"]
         return metrics
 

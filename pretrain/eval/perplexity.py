@@ -1,20 +1,21 @@
 """Scoring windows: the cross-entropy of every prediction, summed per length and by position in the window.
 
-Nothing L x L is built: attention is the fused kernel, logits are formed ``LOGIT_ROWS`` rows at a time from the
-final hidden states (``GPT.logits``), and each length runs ``eval.batch_tokens // L`` windows per forward pass.
+Nothing L x L is built: attention is the fused kernel, logits are formed one chunk at a time from the final hidden
+states by the training loss's own chunked cross-entropy (``ops.loss.token_cross_entropy``: a chunk is sized in bytes
+for the device), and each length runs ``eval.batch_tokens // L`` windows per forward pass.
 Sums are float64 and all-reduced, so the numbers do not depend on the number of ranks. With
 ``eval.window_control`` every length is also scored with attention limited to the training length.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pretrain.config import EvalConfig, ModelConfig
 from pretrain.eval.split import EvalSplit
@@ -29,13 +30,10 @@ from pretrain.eval.windows import (
 )
 from pretrain.model.gpt import GPT
 from pretrain.model.positions import max_length
-from pretrain.ops.loss import perplexity
+from pretrain.ops.loss import perplexity, token_cross_entropy
 from pretrain.parallel.distributed import DistContext, all_reduce
 from pretrain.parallel.layout import SequenceLayout, sequence_parts
 from pretrain.perf.memory import MIB, peak_memory_meter, reset_rss_high_water_mark
-
-# Rows of logits formed at once from the hidden states: [4096, vocab] float32 is 128 MiB at vocab 8192.
-LOGIT_ROWS = 4096
 
 
 def token_losses(
@@ -49,49 +47,105 @@ def token_losses(
 
     ``positions`` ``[L]``: the global positions of a sequence-parallel shard (the installed attention then
     sees the rest of the window through its group); ``window``: each query sees only its last W keys. The
-    logits are formed ``LOGIT_ROWS`` rows at a time: a ``[B * L, vocab]`` tensor would dominate memory at
-    long lengths.
+    logits exist one chunk at a time (``token_cross_entropy``, the training loss's chunks): a ``[B * L, vocab]``
+    tensor would dominate memory at long lengths.
     """
     hidden = model.hidden_states(inputs, positions=positions, window=window)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1)
-    out = torch.empty(flat_targets.shape, dtype=torch.float32, device=hidden.device)
-    for start in range(0, rows.shape[0], LOGIT_ROWS):
-        end = start + LOGIT_ROWS
-        logits = model.logits(rows[start:end]).float()
-        out[start:end] = F.cross_entropy(logits, flat_targets[start:end], reduction="none")
-    return out.view(targets.shape)
+    return token_cross_entropy(hidden, model.word_embeddings.weight, targets)
+
+
+# The two-sided 95% quantile of the normal distribution: the interval on ppl is exp(loss +- Z95 * loss_stderr).
+Z95 = 1.959963984540054
 
 
 @dataclass
 class Scores:
     """Sums over the scored predictions of a set of windows of one length, in float64 (so a sum over ranks is
-    the one-rank sum up to rounding)."""
+    the one-rank sum up to rounding). With ``n_windows`` also the sums of each window (by its index in the length's
+    list of windows), from which the standard error of the mean loss comes."""
 
     length: int
     loss_sum: float = 0.0
     tokens: int = 0
     position_loss: np.ndarray = field(default=None)  # [length] loss summed by position in the window
     position_tokens: np.ndarray = field(default=None)  # [length] predictions scored at each position
+    n_windows: int = 0
+    window_loss: np.ndarray = field(default=None)  # [n_windows] loss summed over each window's scored predictions
+    window_tokens: np.ndarray = field(default=None)  # [n_windows] predictions scored in each window
 
     def __post_init__(self) -> None:
         if self.position_loss is None:
             self.position_loss = np.zeros(self.length, dtype=np.float64)
         if self.position_tokens is None:
             self.position_tokens = np.zeros(self.length, dtype=np.int64)
+        if self.window_loss is None:
+            self.window_loss = np.zeros(self.n_windows, dtype=np.float64)
+        if self.window_tokens is None:
+            self.window_tokens = np.zeros(self.n_windows, dtype=np.float64)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / self.tokens
 
+    @property
+    def loss_stderr(self) -> float | None:
+        """Standard error of the mean loss over the windows (None with fewer than two windows)."""
+        return ratio_stderr(self.window_loss, self.window_tokens)
+
     def all_reduce(self, ctx: DistContext) -> Scores:
         if ctx.world_size > 1:
-            packed = np.concatenate([[self.loss_sum, self.tokens], self.position_loss, self.position_tokens])
+            packed = np.concatenate(
+                [[self.loss_sum, self.tokens], self.position_loss, self.position_tokens, self.window_loss,
+                 self.window_tokens]
+            )  # fmt: skip
             values = all_reduce(torch.from_numpy(packed).to(torch.float64), ctx).numpy()
             self.loss_sum, self.tokens = float(values[0]), int(round(values[1]))
+            at = 2 + 2 * self.length
             self.position_loss = values[2 : 2 + self.length].copy()
-            self.position_tokens = np.rint(values[2 + self.length :]).astype(np.int64)
+            self.position_tokens = np.rint(values[2 + self.length : at]).astype(np.int64)
+            self.window_loss = values[at : at + self.n_windows].copy()
+            self.window_tokens = np.rint(values[at + self.n_windows :])
         return self
+
+
+def ratio_stderr(sums: np.ndarray, counts: np.ndarray) -> float | None:
+    """Standard error of ``sum(sums) / sum(counts)``, the token-weighted mean loss, over independent windows with
+    loss sums ``sums`` and prediction counts ``counts`` (the ratio estimator's: windows of equal counts give the
+    standard error of the windows' mean losses). None with fewer than two windows.
+
+    Windows are taken as independent draws: neighbouring windows of one long document are correlated, so this is
+    a lower bound on the noise of choosing other regions of the same distribution.
+    """
+    used = counts > 0
+    n = int(used.sum())
+    if n < 2:
+        return None
+    sums, counts = sums[used], counts[used]
+    mean = sums.sum() / counts.sum()
+    residuals = sums - mean * counts
+    return float(math.sqrt(n / (n - 1) * float((residuals**2).sum())) / counts.sum())
+
+
+def ppl_interval(loss: float, stderr: float | None) -> list[float] | None:
+    """The 95% interval on perplexity, ``[exp(loss - 1.96 se), exp(loss + 1.96 se)]`` (None without a stderr)."""
+    if stderr is None:
+        return None
+    return [perplexity(loss - Z95 * stderr), perplexity(loss + Z95 * stderr)]
+
+
+def paired_difference(a: Scores, b: Scores) -> dict | None:
+    """How model B's mean loss differs from model A's on the same windows: ``loss_diff`` (B - A), its standard error
+    over the windows (paired: each window's difference), and ``differs``, whether the difference is beyond the 95%
+    noise band. None when the two were not scored on the same windows."""
+    if a.n_windows != b.n_windows or a.n_windows == 0 or not np.array_equal(a.window_tokens, b.window_tokens):
+        return None
+    diff = b.loss - a.loss
+    stderr = ratio_stderr(b.window_loss - a.window_loss, a.window_tokens)
+    return {
+        "loss_diff": diff,
+        "diff_stderr": stderr,
+        "differs": None if stderr is None else bool(abs(diff) > Z95 * stderr),
+    }
 
 
 def score_windows(
@@ -101,6 +155,8 @@ def score_windows(
     batch_size: int,
     device="cpu",
     layout: SequenceLayout | None = None,
+    indices: list[int] | None = None,
+    n_windows: int | None = None,
 ) -> Scores:
     """Sum the scored predictions of ``windows`` over the token stream ``tokens`` ``[n]``.
 
@@ -108,10 +164,13 @@ def score_windows(
     ``batch_size`` at a time. Only positions ``window.score_from ..`` count. With a sequence-parallel
     ``layout``, ``losses_fn(inputs, targets, positions)`` gets this rank's shard of each window and only its
     predictions are summed (each at its position in the window): the group's sums add up to the whole windows'.
+    ``indices``: each window's index among the ``n_windows`` of its length (default: their order here), under which
+    its own sums are kept.
     """
     assert windows, "no windows to score"
     length = windows[0].length
-    scores = Scores(length)
+    indices = list(range(len(windows))) if indices is None else indices
+    scores = Scores(length, n_windows=len(windows) if n_windows is None else n_windows)
     positions = np.arange(length) if layout is None else layout.positions().numpy()
     for first in range(0, len(windows), batch_size):
         batch = windows[first : first + batch_size]
@@ -124,10 +183,12 @@ def score_windows(
         else:
             shard_positions = layout.positions(device)
             losses = losses_fn(layout.shard(inputs).to(device), layout.shard(targets).to(device), shard_positions)
-        for w, row in zip(batch, losses.double().cpu().numpy()):
+        for w, index, row in zip(batch, indices[first : first + batch_size], losses.double().cpu().numpy()):
             scored = positions >= w.score_from
             scores.loss_sum += float(row[scored].sum())
             scores.tokens += int(scored.sum())
+            scores.window_loss[index] += float(row[scored].sum())
+            scores.window_tokens[index] += int(scored.sum())
             # Positions are distinct within a row, so this fancy-indexed add counts each once.
             scores.position_loss[positions[scored]] += row[scored]
             scores.position_tokens[positions[scored]] += 1
@@ -158,12 +219,21 @@ def binned_positions(scores: Scores) -> list[dict]:
 
 
 def score_length(
-    model: GPT, tokens, windows, length: int, batch_size: int, window: int | None, ctx, layout=None
+    model: GPT,
+    tokens,
+    windows,
+    length: int,
+    batch_size: int,
+    window: int | None,
+    ctx,
+    layout=None,
+    indices: list[int] | None = None,
+    n_windows: int | None = None,
 ) -> Scores:
     """This rank's windows of one length scored (attention limited to ``window`` keys when set), summed over ranks.
 
     Under sequence parallelism (``layout``) this rank scores its shard of each window; the sum over all ranks
-    is still each window scored once.
+    is still each window scored once. ``indices``: the windows' indices among the ``n_windows`` of the length.
     """
     device = next(model.parameters()).device
 
@@ -171,7 +241,10 @@ def score_length(
         return token_losses(model, inputs, targets, positions, window)
 
     with torch.inference_mode():
-        local = score_windows(tokens, windows, losses_fn, batch_size, device, layout) if windows else Scores(length)
+        if windows:
+            local = score_windows(tokens, windows, losses_fn, batch_size, device, layout, indices, n_windows)
+        else:
+            local = Scores(length, n_windows=n_windows or 0)
     return local.all_reduce(ctx)
 
 
@@ -185,8 +258,13 @@ def evaluate_model(
     say,
     split: EvalSplit,
     documents: np.ndarray | None = None,
+    scores_out: dict | None = None,
 ):
     """Score one model at every length: ``(results, skipped, loss_by_position)`` as results.json holds them.
+
+    Each result carries ``loss_stderr`` (the standard error of the mean loss over its windows) and ``ppl_ci95``
+    (the 95% interval on ppl). ``scores_out``, when given, receives each length's full-context ``Scores`` (with
+    the per-window sums that ``paired_difference`` compares models on).
 
     ``documents``: the validation documents' offsets in ``tokens`` (``windows.document_offsets``). Needed for
     ``eval.windows=documents`` (windows inside one document; each length reports the documents and tokens long
@@ -229,14 +307,21 @@ def evaluate_model(
             continue
         batch_size = split.batch_size(ecfg.batch_tokens, length)
         mine = split.windows(windows)
+        indices = split.windows(list(range(len(windows))))
         started = time.perf_counter()
         meter = _memory_meter(model)
         with split.layout(model, length) as layout:
-            full, windowed = _score_both(model, model_cfg, tokens, mine, length, batch_size, ecfg, ctx, layout)
+            full, windowed = _score_both(
+                model, model_cfg, tokens, mine, length, batch_size, ecfg, ctx, layout, indices, len(windows)
+            )
+        if scores_out is not None:
+            scores_out[length] = full
         entry = {
             "length": length,
             "loss": full.loss,
+            "loss_stderr": full.loss_stderr,
             "ppl": perplexity(full.loss),
+            "ppl_ci95": ppl_interval(full.loss, full.loss_stderr),
             "tokens": full.tokens,
             "windows": len(windows),
             "min_context": length - windows[0].n_scored + 1,
@@ -249,6 +334,7 @@ def evaluate_model(
         if windowed is not None:
             entry.update(
                 windowed_loss=windowed.loss,
+                windowed_loss_stderr=windowed.loss_stderr,
                 windowed_ppl=perplexity(windowed.loss),
                 loss_minus_windowed=full.loss - windowed.loss,
             )
@@ -268,8 +354,10 @@ def evaluate_model(
             where = f" ({entry['crossing_share']:.0%} of them across a document boundary)"
         else:
             where = ""
+        interval = entry["ppl_ci95"]
+        ci = "" if interval is None else f", 95% {interval[0]:.2f}..{interval[1]:.2f}"
         say(
-            f"  length {length:>6}: loss {full.loss:.4f} (ppl {perplexity(full.loss):.2f}{note}), "
+            f"  length {length:>6}: loss {full.loss:.4f} (ppl {perplexity(full.loss):.2f}{ci}{note}), "
             f"{full.tokens:,} tokens in {len(windows)} windows{where}, {seconds:.1f} s"
         )
     return results, skipped, by_position
@@ -325,12 +413,13 @@ def _peak_mib(meter, ctx: DistContext) -> float | None:
     return None if peak.item() < 0 else round(peak.item(), 1)
 
 
-def _score_both(model, model_cfg, tokens, windows, length, batch_size, ecfg, ctx, layout):
+def _score_both(model, model_cfg, tokens, windows, length, batch_size, ecfg, ctx, layout, indices, n_windows):
     """The full-context scores of one length and, with ``eval.window_control``, the windowed ones (else None)."""
-    full = score_length(model, tokens, windows, length, batch_size, None, ctx, layout)
+    where = dict(indices=indices, n_windows=n_windows)
+    full = score_length(model, tokens, windows, length, batch_size, None, ctx, layout, **where)
     if not ecfg.window_control:
         return full, None
     # Within the training length the window changes nothing: the same numbers, not computed twice.
     if length <= model_cfg.seq_len:
         return full, full
-    return full, score_length(model, tokens, windows, length, batch_size, model_cfg.seq_len, ctx, layout)
+    return full, score_length(model, tokens, windows, length, batch_size, model_cfg.seq_len, ctx, layout, **where)

@@ -2,7 +2,8 @@
 
 - ``ppl_vs_length.png``: perplexity against evaluation length, one solid line per model; with the windowed
   control, a dashed line of the same colour for attention limited to the training length (relative
-  encodings only: alibi, rope, none). Each length is labelled with where its windows came from
+  encodings only: alibi, rope, none); error bars: the 95% interval on ppl over the windows. Each length is
+  labelled with where its windows came from
   (``eval.windows``): the share crossing a document boundary (stream), or the documents long enough for it
   (documents); a skipped length is an ``x`` on the axis with the word "skipped" (the reason is in
   results.json and the table).
@@ -53,6 +54,7 @@ def plot_ppl_vs_length(report: dict, path: Path) -> Path:
         color = f"C{i}"
         xs = [r["length"] for r in model["results"]]
         ax.plot(xs, [r["ppl"] for r in model["results"]], "o-", color=color, label=_label(model))
+        _draw_intervals(ax, model["results"], color)
         if any("windowed_ppl" in r for r in model["results"]) and not is_absolute(model["pos_encoding"]):
             ax.plot(
                 xs,
@@ -83,6 +85,16 @@ def plot_ppl_vs_length(report: dict, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _draw_intervals(ax, results: list[dict], color: str) -> None:
+    """Error bars of the 95% interval on ppl (``ppl_ci95``) at the points that have one."""
+    rows = [r for r in results if r.get("ppl_ci95")]
+    if rows:
+        ys = [r["ppl"] for r in rows]
+        below = [max(0.0, r["ppl"] - r["ppl_ci95"][0]) for r in rows]
+        above = [max(0.0, r["ppl_ci95"][1] - r["ppl"]) for r in rows]
+        ax.errorbar([r["length"] for r in rows], ys, yerr=[below, above], fmt="none", ecolor=color, capsize=3)
 
 
 def _point_note(report: dict) -> str:

@@ -38,7 +38,7 @@ def format_table(report: dict) -> str:
         control = any("windowed_loss" in r for r in model["results"])
         crossing = not inside and any("crossing_share" in r for r in model["results"])
         lines.append(f"\n{_label(model)}, {report['mode']} windows {window_source(report)}")
-        header = f"{'length':>7} {'x train':>7} {'loss':>7} {'ppl':>9} {'tokens':>9}"
+        header = f"{'length':>7} {'x train':>7} {'loss':>7} {'+-se':>6} {'ppl':>9} {'95% interval':>17} {'tokens':>9}"
         if control:
             header += f" {'windowed':>9} {'full-windowed':>14}"
         if inside:
@@ -47,9 +47,12 @@ def format_table(report: dict) -> str:
             header += f" {'crossing':>8}"
         lines += [header, "-" * len(header)]
         for r in model["results"]:
+            stderr, interval = r.get("loss_stderr"), r.get("ppl_ci95")
+            se = f"{stderr:>6.4f}" if stderr is not None else f"{'-':>6}"
+            ci = f"{interval[0]:>8.2f}..{interval[1]:<7.2f}" if interval else f"{'-':>17}"
             row = (
-                f"{r['length']:>7} {r['length'] / model['train_seq_len']:>7.3g} {r['loss']:>7.4f} {r['ppl']:>9.2f} "
-                f"{r['tokens']:>9,}"
+                f"{r['length']:>7} {r['length'] / model['train_seq_len']:>7.3g} {r['loss']:>7.4f} {se} "
+                f"{r['ppl']:>9.2f} {ci} {r['tokens']:>9,}"
             )
             if control:
                 row += f" {r['windowed_loss']:>9.4f} {r['loss_minus_windowed']:>+14.4f}"
@@ -60,6 +63,11 @@ def format_table(report: dict) -> str:
             lines.append(row)
         for s in model["skipped"]:
             lines.append(f"{s['length']:>7}  skipped: {s['reason']}")
+        lines.append(
+            "+-se: standard error of the mean loss over the windows; 95% interval: exp(loss +- 1.96 se), the noise of "
+            "which windows were scored"
+        )
+        lines += _versus_lines(model)
         if inside:
             lines.append(
                 "documents, doc tokens: the validation documents long enough for the length (L + 1 tokens with "
@@ -82,6 +90,24 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _versus_lines(model: dict) -> list[str]:
+    """eval.compare's verdict for a compared model: per length, its loss minus the first model's on the same
+    windows, that difference's standard error, and whether it is more than the noise."""
+    versus = model.get("versus")
+    if not versus or not versus["rows"]:
+        return []
+    lines = [f"against {versus['model']} on the same windows (loss difference, paired standard error):"]
+    for row in versus["rows"]:
+        se = row["diff_stderr"]
+        if row["differs"] is None:
+            verdict = "one window: no noise estimate"
+        else:
+            verdict = "differs (beyond 1.96 se)" if row["differs"] else "within the noise"
+        se_text = "-" if se is None else f"{se:.4f}"
+        lines.append(f"{row['length']:>7} {row['loss_diff']:>+9.4f} +- {se_text:<7} {verdict}")
+    return lines
+
+
 def _label(model: dict) -> str:
     return f"{model['name']} ({model['pos_encoding']}, trained at {model['train_seq_len']})"
 
@@ -93,7 +119,7 @@ def log_to_wandb(cfg: Config, report: dict, plots: dict) -> None:
     run = start_wandb(cfg.wandb, cfg.run_dir)
     try:
         columns = [
-            "model", "pos_encoding", "windows", "length", "loss", "ppl", "tokens", "windowed_loss",
+            "model", "pos_encoding", "windows", "length", "loss", "loss_stderr", "ppl", "tokens", "windowed_loss",
             "loss_minus_windowed", "qualified_documents", "qualified_tokens", "crossing_share", "skipped",
         ]  # fmt: skip
         table = wandb.Table(columns=columns)
@@ -108,6 +134,7 @@ def log_to_wandb(cfg: Config, report: dict, plots: dict) -> None:
                     windows,
                     length,
                     r.get("loss"),
+                    r.get("loss_stderr"),
                     r.get("ppl"),
                     r.get("tokens"),
                     r.get("windowed_loss"),

@@ -29,7 +29,7 @@ from pretrain.config import Config
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.errors import PipelineError
 from pretrain.eval.passkey import check_passkey_fits, evaluate_passkey, passkey_lengths
-from pretrain.eval.perplexity import evaluate_model
+from pretrain.eval.perplexity import evaluate_model, paired_difference
 from pretrain.eval.report import write_outputs
 from pretrain.eval.sources import ModelSource, load_model, resolve_sources, source_model_config
 from pretrain.eval.split import check_eval_split, make_split
@@ -82,16 +82,18 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
             + (", zigzag" if split.describe()["zigzag"] else "")
             + f"), windows dealt over {groups.dp_size} group(s); passkey prompts stay whole on each rank"
         )
-    models = []
+    models, model_scores = [], []
     for source in sources:
         model, model_cfg = load_model(source, corpus, ctx.device)
         say(
             f"[eval] {source.name}: {model_cfg.pos_encoding} positions, trained at seq_len {model_cfg.seq_len}, "
             f"{model.num_parameters() / 1e6:.2f}M parameters ({source.weights_dir})"
         )
+        scores: dict = {}
         results, skipped, by_position = evaluate_model(
-            model, model_cfg, tokens, ecfg, lengths, ctx, say, split, documents=documents
+            model, model_cfg, tokens, ecfg, lengths, ctx, say, split, documents=documents, scores_out=scores
         )
+        model_scores.append(scores)
         entry = {
             "name": source.name,
             "source": str(source.weights_dir),
@@ -109,6 +111,8 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
     if not any(m["results"] for m in models):
         reasons = sorted({s["reason"] for m in models for s in m["skipped"]})
         raise PipelineError(f"no eval length could be scored: {'; '.join(reasons[:3])}; check eval.lengths")
+    for model_entry, scores in zip(models[1:], model_scores[1:]):
+        model_entry["versus"] = versus(models[0]["name"], model_scores[0], scores)
     primary = models[0]
     report = {
         "train_seq_len": primary["train_seq_len"],
@@ -139,6 +143,18 @@ def run_eval(cfg: Config, ctx: DistContext, corpus) -> dict:
         write_outputs(cfg, report, say)
     ctx.barrier()
     return report
+
+
+def versus(primary: str, mine: dict, theirs: dict) -> dict:
+    """``eval.compare``'s verdict for one compared model against the primary, per length both scored: its loss minus
+    the primary's on the same windows, the standard error of that difference (paired over the windows) and whether
+    it is beyond the 95% noise band (``differs``)."""
+    rows = []
+    for length in sorted(set(mine) & set(theirs)):
+        difference = paired_difference(mine[length], theirs[length])
+        if difference is not None:
+            rows.append({"length": length, **difference})
+    return {"model": primary, "rows": rows}
 
 
 def validation_offsets(corpus, n_tokens: int, required: bool):
