@@ -327,7 +327,7 @@ class DataConfig:
     tokenizer_sample_chars: int = 20_000_000
     # Where prepared corpora land, one directory per fingerprint of the inputs (relative: to the cwd).
     cache_dir: str = "data"
-    # Processes of the split pass (datasets' map num_proc); threads for tokenizer training.
+    # Processes of the split pass (files read in parallel, or datasets' map num_proc); threads for tokenizer training.
     num_proc: int = 2
     # Where prepare's work units run: local (data.workers processes here) or slurm (a datatrove array job).
     executor: str = "local"

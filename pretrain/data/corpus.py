@@ -1,11 +1,11 @@
-"""Corpus sources: the documents of ``data=stdlib|files|hf`` as a ``datasets`` dataset with a ``text`` column.
+"""Corpus sources: which documents ``data=stdlib|files|hf`` names, and the cheap description of them.
 
 - ``stdlib``: every ``.py`` file of the running Python's standard library (``site-packages`` and
   ``__pycache__`` left out, and the few files that are not UTF-8), one document per file, in sorted order
   of the relative path, which is also the document's ``key``.
 - ``files``: ``data.paths`` globs; ``.txt``/``.md``/``.py`` files are one document each, ``.jsonl``/``.json``
-  and ``.parquet`` files one document per row (column ``data.text_field``), all read by ``datasets``' local
-  loaders.
+  and ``.parquet`` files one document per row (column ``data.text_field``), read directly by
+  ``pretrain.data.documents`` (no conversion).
 - ``hf``: ``datasets.load_dataset(data.name, data.config, split=data.split, streaming=data.streaming,
   data_files=data.data_files)``, or a directory written by ``save_to_disk``.
 
@@ -30,15 +30,8 @@ import numpy as np
 from pretrain.config import DataConfig
 from pretrain.errors import PipelineError
 
-# File suffix -> datasets' packaged loader.
-LOADERS = {
-    ".txt": "text",
-    ".md": "text",
-    ".py": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-}
+# The suffixes data=files reads (pretrain.data.documents says how).
+LOADERS = (".txt", ".md", ".py", ".jsonl", ".json", ".parquet")
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
@@ -146,17 +139,10 @@ def describe_inputs(data: DataConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- loading
 
 
-def load_documents(data: DataConfig, work_dir: Path):
-    """The corpus as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming) with a ``text`` column.
-
-    ``work_dir`` holds datasets' conversions of local files; the caller deletes it when done.
-    """
-    if data.source == "stdlib":
-        dataset = _load_stdlib(data)
-    elif data.source == "files":
-        dataset = _load_files(data, work_dir)
-    else:
-        dataset = _load_hf(data)
+def load_hf(data: DataConfig):
+    """``data=hf``: a ``datasets.Dataset`` (or ``IterableDataset`` when streaming) with a ``text`` column, the first
+    ``data.max_documents`` rows when that is set."""
+    dataset = _load_hf(data)
     if data.max_documents is not None:
         from datasets import IterableDataset
 
@@ -165,46 +151,6 @@ def load_documents(data: DataConfig, work_dir: Path):
         else:
             dataset = dataset.select(range(min(data.max_documents, len(dataset))))
     return dataset
-
-
-def _load_stdlib(data: DataConfig):
-    from datasets import Dataset
-
-    root = stdlib_root()
-    keys, texts = [], []
-    for rel in stdlib_files(data.max_files):
-        try:
-            texts.append((root / rel).read_bytes().decode("utf-8"))
-        except UnicodeDecodeError:
-            continue  # a handful of encoding tests (latin-1, koi8-r); skipping them is deterministic
-        keys.append(rel)
-    if not texts:
-        raise PipelineError(f"data=stdlib: no readable .py files under {root}")
-    return Dataset.from_dict({"key": keys, "text": texts})
-
-
-def _load_files(data: DataConfig, work_dir: Path):
-    from datasets import concatenate_datasets, load_dataset
-
-    by_loader: dict[str, list[str]] = {}
-    for path in expand_paths(data.paths, data.max_files):
-        by_loader.setdefault(LOADERS[path.suffix], []).append(str(path))
-    parts = []
-    for loader in ("text", "json", "parquet"):
-        files = by_loader.get(loader)
-        if not files:
-            continue
-        kwargs = {"sample_by": "document"} if loader == "text" else {}
-        if data.num_proc > 1 and len(files) > 1:
-            kwargs["num_proc"] = min(data.num_proc, len(files))  # many files are converted in parallel
-        try:
-            part = load_dataset(loader, data_files=files, split="train", cache_dir=str(work_dir / "hf"), **kwargs)
-        except Exception as err:  # datasets raises many types for malformed files
-            raise PipelineError(f"could not read the {loader} files of data.paths ({_some(files)}): {err}") from err
-        if loader != "text":
-            part = _text_column(part, data.text_field, f"data.paths ({_some(files)})")
-        parts.append(part)
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def _load_hf(data: DataConfig):
@@ -255,10 +201,6 @@ def _text_column(dataset, text_field: str, where: str):
             raise PipelineError(f"{where}: field data.text_field={text_field!r} holds {features[text_field]}, not text")
     dataset = dataset.select_columns([text_field])
     return dataset if text_field == "text" else dataset.rename_column(text_field, "text")
-
-
-def _some(files: list[str]) -> str:
-    return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
 
 def split_flags(u: np.ndarray, n_chars: np.ndarray, val_fraction: float, where: str) -> np.ndarray:

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from pretrain.config import Config, DataConfig
-from pretrain.data.corpus import describe_inputs, hash_batch, load_documents, split_flags, split_hash
+from pretrain.data.corpus import describe_inputs, split_flags, split_hash
+from pretrain.data.documents import open_documents
 from pretrain.data.executors import DATATROVE_DIR, run_units
 from pretrain.data.manifest import (
     FORMAT_VERSION,
@@ -406,12 +407,12 @@ def _build(data: DataConfig, fingerprint: str, description: dict, build: Path) -
         specs = [("", data.source, 1.0, data, data.tokenizer_sample_chars)]
     parts = []
     for label, kind, weight, sdata, share in specs:
-        t0 = time.perf_counter()
-        dataset = load_documents(sdata, work / (label or "corpus") / "hf")
-        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
         where = f"source {label!r} ({_where(sdata)})" if label else _where(sdata)
         t0 = time.perf_counter()
-        part = _part(sdata, dataset, work / (label or "corpus"), where)
+        documents = open_documents(sdata, where)
+        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        part = _part(sdata, documents, work / (label or "corpus"), where)
         timings["split"] = timings.get("split", 0.0) + time.perf_counter() - t0
         parts.append((label, kind, weight, sdata, share, part))
     sample_chars = _make_tokenizer(data, build, [(part, share) for *_, share, part in parts], timings)
@@ -423,7 +424,7 @@ def _build(data: DataConfig, fingerprint: str, description: dict, build: Path) -
         job = UnitJob(
             label=label,
             build=build,
-            dataset=part.dataset,
+            documents=part.documents,
             is_val_path=part.is_val_path,
             out=out,
             tokenizer_path=tokenizer_path,
@@ -542,56 +543,35 @@ def _make_tokenizer(data: DataConfig, build: Path, shares: list, timings: dict) 
     return sample_chars
 
 
-def _part(data: DataConfig, dataset, work: Path, where: str):
-    from datasets import IterableDataset
+def _part(data: DataConfig, documents, work: Path, where: str):
+    from pretrain.data.documents import ArrowDocuments, FileDocuments
 
-    if isinstance(dataset, IterableDataset):
-        return _StreamPart(data, dataset, where)
-    return _RowsPart(data, dataset, work, where)
+    if isinstance(documents, (ArrowDocuments, FileDocuments)):
+        return _RowsPart(data, documents, work, where)
+    return _StreamPart(data, documents, where)
 
 
 class _RowsPart:
-    """A map-style dataset: the split pass (hash and length of every row, with num_proc), a sample of train in hash
-    order, units of rows. The split flags are saved for the units (and kept for a resumed build)."""
+    """Documents read by row (files, or a map-style dataset): the split pass (hash and length of every row), a sample
+    of train in hash order, units of rows. The split pass is saved for the units (and kept for a resumed build)."""
 
     streaming = False
     n_stream_shards = 1
 
-    def __init__(self, data: DataConfig, dataset, work: Path, where: str) -> None:
+    def __init__(self, data: DataConfig, documents, work: Path, where: str) -> None:
         self.data, self.where = data, where
-        if len(dataset) == 0:
-            raise PipelineError(f"the corpus ({where}) is empty: it has no documents")
         work.mkdir(parents=True, exist_ok=True)
-        if not dataset.cache_files:
-            # An in-memory dataset (data=stdlib) is saved once, so that workers open it by path instead of receiving
-            # a pickled copy per unit.
-            saved = work / "documents"
-            if not (saved / "state.json").is_file():
-                shutil.rmtree(saved, ignore_errors=True)
-                dataset.save_to_disk(str(saved))
-            from datasets import load_from_disk
-
-            dataset = load_from_disk(str(saved))
-        self.dataset = dataset
+        self.documents = documents
         self.is_val_path = work / "is_val.npy"
         split_file = work / "split.npz"
         if split_file.is_file():
-            saved_split = np.load(split_file)
-            self.u, self.n_chars = saved_split["u"], saved_split["n_chars"]
+            saved_split = dict(np.load(split_file))
+            self.u, self.n_chars = saved_split.pop("u"), saved_split.pop("n_chars")
+            documents.restore(work, saved_split)
         else:
-            num_proc = min(data.num_proc, len(dataset)) if data.num_proc > 1 else None
-            hashes = dataset.map(
-                hash_batch,
-                batched=True,
-                num_proc=num_proc,
-                remove_columns=dataset.column_names,
-                keep_in_memory=True,
-                desc="hashing documents",
-            )
-            self.u = np.asarray(hashes["u"], dtype=np.float64)
-            self.n_chars = np.asarray(hashes["n_chars"], dtype=np.int64)
+            self.u, self.n_chars = documents.scan(work, data.num_proc, data.max_documents, _say)
             tmp = work / ".split.tmp.npz"
-            np.savez(tmp, u=self.u, n_chars=self.n_chars)
+            np.savez(tmp, u=self.u, n_chars=self.n_chars, **documents.split_state())
             os.replace(tmp, split_file)
         self.is_val = split_flags(self.u, self.n_chars, data.val_fraction, where)
         tmp = work / ".is_val.tmp.npy"
@@ -610,8 +590,7 @@ class _RowsPart:
         order = train_ids[np.argsort(u[train_ids], kind="stable")]
         taken = int(np.searchsorted(np.cumsum(n_chars[order]), max_chars)) + 1
         chosen = np.sort(order[:taken])
-        texts = self.dataset.select(chosen)["text"]
-        return _cap_chars(texts, max_chars)
+        return _cap_chars(self.documents.texts_at(chosen), max_chars)
 
     def check_written(self, splits: dict) -> None:
         """Nothing to check: ``split_flags`` guarantees a document on each side."""
@@ -625,7 +604,7 @@ class _StreamPart:
     SAMPLED_SHARDS = 64
 
     def __init__(self, data: DataConfig, stream, where: str) -> None:
-        self.data, self.dataset, self.where = data, stream, where
+        self.data, self.documents, self.where = data, stream, where
         self.capped = data.max_documents is not None
         self.n_stream_shards = 1 if self.capped else max(1, int(getattr(stream, "n_shards", 1) or 1))
 
@@ -642,7 +621,7 @@ class _StreamPart:
         share = max_chars // len(picked)
         sample: list[str] = []
         for index in picked:
-            stream = self.dataset.shard(num_shards=n, index=index) if n > 1 else self.dataset
+            stream = self.documents.shard(num_shards=n, index=index) if n > 1 else self.documents
             taken = 0
             try:
                 for doc in stream:

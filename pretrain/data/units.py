@@ -68,7 +68,7 @@ class UnitJob:
     executors can send it to worker processes (a memory-mapped dataset pickles as its file paths)."""
 
     label: str  # "" for a single corpus, the source's label in a mixture
-    dataset: Any  # datasets.Dataset (rows) or IterableDataset (stream)
+    documents: Any  # FileDocuments or ArrowDocuments (rows), or a datasets.IterableDataset (stream)
     is_val_path: Path | None  # rows: bool [rows] split flags (.npy), from the split pass
     build: Path  # the corpus's build directory: the markers' paths are relative to it
     out: Path  # the source's folder in the build directory: train/, val/, units/ below it
@@ -151,13 +151,9 @@ class UnitJob:
             is_val = np.load(self.is_val_path, mmap_mode="r")
             for first in range(unit.start, unit.stop, BATCH_DOCS):
                 last = min(first + BATCH_DOCS, unit.stop)
-                try:
-                    texts = self.dataset[first:last]["text"]
-                except Exception as err:  # datasets raises many types for a damaged file
-                    raise PipelineError(f"could not read rows {first}..{last - 1} of {self.where}: {err}") from err
-                yield [text or "" for text in texts], [bool(flag) for flag in is_val[first:last]]
+                yield self.documents.texts(first, last), [bool(flag) for flag in is_val[first:last]]
             return
-        stream = self.dataset
+        stream = self.documents
         if self.n_stream_shards > 1:
             stream = stream.shard(num_shards=self.n_stream_shards, index=unit.start)
         batch: list[str] = []
