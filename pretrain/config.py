@@ -19,6 +19,15 @@ from pretrain.errors import ConfigError
 
 POS_ENCODINGS = ("alibi", "sinusoidal", "learned", "rope", "none")
 ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
+# model.mlp: BLOOM's tanh-approximated GELU (the default), the exact GELU (MPT), SwiGLU (Jais, BTLM, LLaMA).
+MLPS = ("gelu_tanh", "gelu", "swiglu")
+# model.norm: LayerNorm with a bias (BLOOM), or without one (MPT); null follows model.bias.
+NORMS = ("layernorm", "layernorm_nobias")
+# model.alibi_slopes: the paper's slopes (BLOOM, MPT), or those divided by sqrt(head_dim), as Falcon's ALiBi adds its
+# bias before the 1/sqrt(head_dim) scaling of the scores (transformers' FalconModel, vLLM, Falcon-RW).
+ALIBI_SLOPES = ("paper", "falcon")
+# SwiGLU's hidden size is rounded up to a multiple of this (LLaMA's multiple_of; torchtitan and litgpt use it too).
+SWIGLU_MULTIPLE = 256
 # `all` is prepare -> train -> eval -> export; `eval` also runs prepare first (a cache hit that gives the validation
 # split).
 STAGES = ("all", "prepare", "train", "eval", "export", "generate")
@@ -135,6 +144,15 @@ class ModelConfig:
     # the embedding LayerNorm (applied as positions / embed_scale). null: the ALiBi paper's baselines' ratio
     # (1/init_std for sinusoidal, sqrt(d_model) for learned; see docs/eval.md); 1: the unscaled sum.
     embed_scale: Optional[float] = None
+    # Key/value heads, shared by groups of n_head / n_kv_head query heads (grouped-query attention; 1: multi-query).
+    # null: n_head (every query head has its own). ALiBi slopes stay per query head.
+    n_kv_head: Optional[int] = None
+    mlp: str = "gelu_tanh"
+    # SwiGLU only: the hidden size; null: 2/3 of mlp_ratio x d_model, rounded up to a multiple of 256 (LLaMA's rule).
+    mlp_hidden: Optional[int] = None
+    # null: layernorm when model.bias is true, layernorm_nobias when it is false (what model.bias=false always meant).
+    norm: Optional[str] = None
+    alibi_slopes: str = "paper"
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "mlp_ratio"):
@@ -144,6 +162,25 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
                 "choose a head count that divides d_model"
             )
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}; each key/value head "
+                f"serves an equal group of query heads: choose a divisor of {self.n_head} (1 = multi-query)"
+            )
+        check_choice("model.mlp", self.mlp, MLPS)
+        if self.mlp_hidden is not None:
+            if self.mlp != "swiglu":
+                raise ConfigError(
+                    f"model.mlp_hidden={self.mlp_hidden} is for model.mlp=swiglu (model.mlp={self.mlp}); the GELU "
+                    "MLPs are model.mlp_ratio x d_model wide"
+                )
+            check_positive("model.mlp_hidden", self.mlp_hidden)
+        if self.norm is None:
+            self.norm = "layernorm" if self.bias else "layernorm_nobias"
+        check_choice("model.norm", self.norm, NORMS)
+        check_choice("model.alibi_slopes", self.alibi_slopes, ALIBI_SLOPES)
         check_choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
         check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
         if not 0.0 <= self.dropout < 1.0:
@@ -160,6 +197,20 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden size: ``mlp_ratio x d_model`` for GELU; for SwiGLU ``mlp_hidden``, else 2/3 of that
+        rounded up to a multiple of ``SWIGLU_MULTIPLE`` (its three matrices then hold about the GELU MLP's two)."""
+        if self.mlp != "swiglu":
+            return self.mlp_ratio * self.d_model
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return SWIGLU_MULTIPLE * math.ceil(2 * self.mlp_ratio * self.d_model / 3 / SWIGLU_MULTIPLE)
+
+    @property
+    def norm_bias(self) -> bool:
+        return self.norm == "layernorm"
 
 
 @dataclass

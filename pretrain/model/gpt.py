@@ -43,18 +43,34 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, pos: PositionEncoding):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.n_kv_head = cfg.n_kv_head
+        # One fused projection laid out [kv_head, (its group's queries, key, value), head_dim]: with n_kv_head = n_head
+        # that is BLOOM's [head, (q, k, v), head_dim] (3 x d_model rows, as before), with 1 Falcon's multi-query
+        # [all queries, k, v].
+        qkv_rows = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.d_model, qkv_rows, bias=cfg.bias)
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.backend = cfg.attention
         self.pos = pos
         # Replaced from outside (sequence parallelism) with a function of the same signature.
         self.attend: AttentionFn | None = None
 
+    def split_heads(self, qkv: torch.Tensor):
+        """Queries ``[B, n_head, L, D]``, keys and values ``[B, n_kv_head, L, D]`` of the fused projection's output
+        ``[B, L, (n_head + 2 n_kv_head) D]``; query head ``h`` reads key/value head ``h // (n_head / n_kv_head)``."""
+        batch, length, _ = qkv.shape
+        if self.n_kv_head == self.n_head:
+            # BLOOM's fused layout: for each head, its query, key and value rows side by side.
+            qkv = qkv.view(batch, length, self.n_head, 3, self.head_dim)
+            return tuple(qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        group = self.n_head // self.n_kv_head
+        qkv = qkv.view(batch, length, self.n_kv_head, group + 2, self.head_dim)
+        q = qkv[:, :, :, :group].reshape(batch, length, self.n_head, self.head_dim).transpose(1, 2)
+        return q, qkv[:, :, :, group].transpose(1, 2), qkv[:, :, :, group + 1].transpose(1, 2)
+
     def forward(self, x: torch.Tensor, offset: int, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
-        # BLOOM's fused layout: for each head, its query, key and value rows side by side.
-        qkv = self.query_key_value(x).view(batch, length, self.n_head, 3, self.head_dim)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        q, k, v = self.split_heads(self.query_key_value(x))
         q, k = self.pos.rotate(q, k, positions, positions)
         if self.attend is not None:
             y = self.attend(q, k, v, self.pos.slopes, offset, offset, window=window)
@@ -66,8 +82,7 @@ class CausalSelfAttention(nn.Module):
         """``forward`` for new tokens continuing the rows of ``cache``: their keys and values are stored in it, and
         each group of rows at the same positions attends to its cached keys with global offsets."""
         batch, length, _ = x.shape
-        qkv = self.query_key_value(x).view(batch, length, self.n_head, 3, self.head_dim)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        q, k, v = self.split_heads(self.query_key_value(x))
         y = None if len(step.groups) == 1 else q.new_empty(q.shape)
         # One query a row (a decoding step): its bias is one row per head, so the reference kernel's materialized
         # bias costs nothing and its single fused call is 3x faster than the blockwise kernel's blocks.
@@ -94,22 +109,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``model.mlp``: BLOOM's tanh-GELU (default), the exact GELU (MPT), or SwiGLU ``silu(x W_gate) * (x W_up)``
+    (Shazeer 2020; Jais, BTLM), whose gate and up projections are one fused ``dense_h_to_4h`` ``[gate; up]``."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
-        self.dense_4h_to_h = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.kind = cfg.mlp
+        width = cfg.mlp_width
+        self.dense_h_to_4h = nn.Linear(cfg.d_model, 2 * width if self.kind == "swiglu" else width, bias=cfg.bias)
+        self.dense_4h_to_h = nn.Linear(width, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # BLOOM's bloom_gelu_forward is the tanh approximation.
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        if self.kind == "gelu_tanh":
+            # BLOOM's bloom_gelu_forward is the tanh approximation.
+            return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        if self.kind == "gelu":
+            return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, pos: PositionEncoding):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
         self.self_attention = CausalSelfAttention(cfg, pos)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -130,13 +155,13 @@ class GPT(nn.Module):
         self.pos = PositionEncoding(cfg)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.word_embeddings_layernorm = (
-            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
             if cfg.embedding_layernorm
             else nn.Identity()
         )
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, self.pos) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer), so the
         # residual's variance does not grow with depth.

@@ -118,7 +118,8 @@ class KVCache:
         kwargs.setdefault("dtype", weight.dtype)
         kwargs.setdefault("device", weight.device)
         cfg = model.cfg
-        return cls(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, **kwargs)
+        # Grouped-query attention: the cache holds the n_kv_head shared heads, n_head / n_kv_head times less.
+        return cls(cfg.n_layer, batch, cfg.n_kv_head, cfg.head_dim, **kwargs)
 
     @property
     def batch(self) -> int:

@@ -75,6 +75,14 @@ def embed_scale(cfg: ModelConfig) -> float:
     return math.sqrt(cfg.d_model) if ENCODINGS[cfg.pos_encoding].table else 1.0 / cfg.init_std
 
 
+def model_slopes(n_head: int, divisor: float = 1.0) -> torch.Tensor:
+    """The slopes a model's attention reads, float32 ``[n_head]``: the paper's (``ops.alibi.slopes``), divided by
+    ``divisor`` (``sqrt(head_dim)`` for ``model.alibi_slopes=falcon``: Falcon adds the bias ``m * j`` to the raw scores
+    and scales both by ``1/sqrt(head_dim)``, so its effective slope is ``m / sqrt(head_dim)``)."""
+    slopes = alibi_slopes(n_head)
+    return slopes if divisor == 1.0 else (slopes.double() / divisor).float()
+
+
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     """Vaswani et al. (2017) position table, float32 ``[n_positions, dim]`` (sin on even, cos on odd dims)."""
     pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
@@ -109,7 +117,10 @@ class PositionEncoding(nn.Module):
         self.max_positions = cfg.max_positions or cfg.seq_len
         # Positions enter as table * position_scale (see embed_scale); 1.0 leaves the sum as it was before the scale.
         self.position_scale = 1.0 / embed_scale(cfg)
-        slopes = alibi_slopes(cfg.n_head) if self.kind == "alibi" else None
+        self.n_head = cfg.n_head
+        # model.alibi_slopes=falcon: the slopes divided by sqrt(head_dim), Falcon's (see model_slopes).
+        self.slope_divisor = math.sqrt(cfg.head_dim) if cfg.alibi_slopes == "falcon" else 1.0
+        slopes = model_slopes(cfg.n_head, self.slope_divisor) if self.kind == "alibi" else None
         # float32 always: a bf16 slope would round the bias (see alibi.py). Not a parameter: never trained.
         self.register_buffer("slopes", slopes, persistent=False)
         if self.kind == "learned":
@@ -123,7 +134,7 @@ class PositionEncoding(nn.Module):
         # (float32 slopes) would score another model than the one trained. They are rebuilt from the rule.
         super()._apply(fn, recurse)
         if self.slopes is not None and self.slopes.dtype != torch.float32:
-            self.slopes = alibi_slopes(self.slopes.numel()).to(self.slopes.device)
+            self.slopes = model_slopes(self.n_head, self.slope_divisor).to(self.slopes.device)
         return self
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ loop and the evaluation stage all cut sequences through ``SequenceLayout``, and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,12 @@ def segments_of(seq_len: int, sp_size: int, sp_rank: int, zigzag: bool) -> list[
         return [(sp_rank * chunk, chunk), ((2 * sp_size - 1 - sp_rank) * chunk, chunk)]
     chunk = seq_len // sp_size
     return [(sp_rank * chunk, chunk)]
+
+
+def kv_replication(n_kv_head: int, sp_size: int) -> int:
+    """How many times Ulysses repeats each key/value head so that they split evenly over ``sp_size`` ranks: 1 when
+    ``n_kv_head`` divides by it, else ``sp_size / gcd(n_kv_head, sp_size)`` (multi-query on 4 ranks: 4 copies)."""
+    return sp_size // math.gcd(n_kv_head, sp_size)
 
 
 def sequence_parts(sp_size: int, mode: str, zigzag: bool) -> int:

@@ -34,7 +34,9 @@ def apply_sequence_parallel(model, group, mode: str, seq_len: int, zigzag: bool 
     """Install the sequence-parallel attention on every block of ``model``; return this rank's layout."""
     sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
     if mode == "ulysses":
-        attend = UlyssesAttention(group, model.cfg.n_head, backend=model.cfg.attention)
+        attend = UlyssesAttention(
+            group, model.cfg.n_head, backend=model.cfg.attention, n_kv_head=model.cfg.n_kv_head, slopes=model.pos.slopes
+        )
         layout = SequenceLayout(seq_len, sp_size, sp_rank, zigzag=False)
     else:
         attend = RingAttention(group, seq_len, zigzag)

@@ -16,6 +16,7 @@ from pretrain.config import Config, ModelConfig, resolve_precision
 from pretrain.model.positions import position_parameters
 from pretrain.ops.loss import chunk_tokens
 from pretrain.parallel.deepspeed_config import DEEPSPEED_BUCKET_ELEMENTS, deepspeed_config
+from pretrain.parallel.layout import kv_replication
 from pretrain.perf.flops import flops_per_token
 from pretrain.perf.memory import MIB
 
@@ -23,19 +24,29 @@ GIB = 1024 * MIB
 
 
 # Floats per token and layer that a block keeps for its backward pass (fused attention, dropout 0): the
-# inputs of both LayerNorms (2h), of the QKV projection (h), its output (3h: q, k, v), the attention output
-# and its re-laid-out copy entering the output projection (2h), the MLP input (h), the GELU input (4h) and
-# output (4h) for an MLP ratio of 4 (2 * ratio * h in general).
+# inputs of both LayerNorms (2h), of the QKV projection (h), its output (3h: q, k, v; (n_head + 2 n_kv_head) x
+# head_dim with grouped-query attention), the attention output and its re-laid-out copy entering the output
+# projection (2h), the MLP input (h), the GELU input (4h) and output (4h) for an MLP ratio of 4 (2 x its width in
+# general; SwiGLU: its fused gate-and-up output 2w, silu(gate) w and the product w).
 def layer_activation_floats(cfg: ModelConfig) -> int:
-    h = cfg.d_model
-    return 9 * h + 2 * cfg.mlp_ratio * h
+    h, w = cfg.d_model, cfg.mlp_width
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    return 6 * h + qkv + (4 * w if cfg.mlp == "swiglu" else 2 * w)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
+    """Bytes the decoding cache holds per token: keys and values of ``n_kv_head`` heads in every layer (16-bit by
+    default; grouped-query attention makes it ``n_head / n_kv_head`` times smaller)."""
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * bytes_per_value
 
 
 def parameter_count(cfg: ModelConfig) -> int:
     """Parameters of ``GPT(cfg)`` (tied head counted once), from the shapes alone."""
-    h, r, b = cfg.d_model, cfg.mlp_ratio, int(cfg.bias)
-    norm = h * (1 + b)
-    per_layer = 2 * norm + (3 * h * h + 3 * h * b) + (h * h + h * b) + (r * h * h + r * h * b) + (r * h * h + h * b)
+    h, w, b = cfg.d_model, cfg.mlp_width, int(cfg.bias)
+    norm = h * (1 + int(cfg.norm_bias))
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    up = 2 * w if cfg.mlp == "swiglu" else w
+    per_layer = 2 * norm + (h * qkv + qkv * b) + (h * h + h * b) + (h * up + up * b) + (w * h + h * b)
     total = cfg.vocab_size * h + cfg.n_layer * per_layer + norm
     if cfg.embedding_layernorm:
         total += norm
@@ -57,6 +68,12 @@ class Plan:
     precision: str
     activation_checkpointing: bool
     memory: dict  # bytes per device: model states, activations (both modes), buffers, and phases (peak_bytes)
+    # The attention's shape: heads, key/value heads, and what the decoding cache holds per token (16-bit).
+    n_head: int = 0
+    n_kv_head: int = 0
+    kv_cache_bytes_per_token: int = 0
+    # Lines of what the split does to the model (Ulysses repeating key/value heads).
+    notes: tuple = ()
 
     @property
     def sequences_per_step(self) -> int:
@@ -178,6 +195,21 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None, devic
         precision=t.precision,
         activation_checkpointing=t.activation_checkpointing,
         memory=memory,
+        n_head=model.n_head,
+        n_kv_head=model.n_kv_head,
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(model),
+        notes=_split_notes(cfg, model),
+    )
+
+
+def _split_notes(cfg: Config, model: ModelConfig) -> tuple:
+    sp, kv = cfg.parallel.sp_size, model.n_kv_head
+    repeat = kv_replication(kv, sp)
+    if sp == 1 or cfg.parallel.sp_mode != "ulysses" or repeat == 1:
+        return ()
+    return (
+        f"ulysses: {kv} key/value heads do not split over {sp} ranks; each is repeated {repeat} times before the "
+        f"all-to-all ({kv * repeat} heads, {kv * repeat // sp} per rank; key/value traffic x{repeat})",
     )
 
 
@@ -196,6 +228,9 @@ def format_plan(plan: Plan) -> str:
         f"run: {plan.steps:,} steps = {plan.tokens_per_step * plan.steps:,} tokens",
         f"model: {plan.parameters:,} parameters; {plan.flops_per_step:.3e} FLOPs per step "
         f"({plan.flops_per_step * plan.steps:.3e} in total; 6N + 12LHQT per token, PaLM appendix B)",
+        f"attention: {plan.n_head} query heads, {plan.n_kv_head} key/value heads; KV cache "
+        f"{plan.kv_cache_bytes_per_token:,} bytes per token in 16 bits",
+        *plan.notes,
         f"memory per device (ZeRO-{plan.zero_stage}, {plan.precision}):",
         f"  parameters   {_size(m['parameters']):>12}",
         f"  gradients    {_size(m['gradients']):>12}",

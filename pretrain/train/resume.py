@@ -31,6 +31,17 @@ TRAIN_FIXED = ("train.seed", "train.zero_stage", "train.precision")
 BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum")
 
 
+def legacy_model_keys(saved: dict) -> dict:
+    """The values of the model keys added with grouped-query attention that a record without them was trained with."""
+    return {
+        "n_kv_head": saved.get("n_head"),
+        "mlp": "gelu_tanh",
+        "mlp_hidden": None,
+        "norm": "layernorm" if saved.get("bias", True) else "layernorm_nobias",
+        "alibi_slopes": "paper",
+    }
+
+
 def train_record(cfg: Config, dp_size: int) -> dict:
     """The ``train.*`` values a checkpoint records, so that a resume can compare against them (``global_batch``:
     sequences per optimizer step over ``dp_size`` data-parallel ranks)."""
@@ -49,6 +60,9 @@ def check_resume(
     init_hint = f"to start a new run from these weights, use train.init_from={where} in another run_dir"
     saved_model = record.get("model_config")
     if saved_model is not None:
+        # A record older than model.n_kv_head, model.mlp and model.norm holds the model those keys' defaults give
+        # (n_kv_head = n_head, tanh-GELU, the norm model.bias implies): compared as such.
+        saved_model = {**legacy_model_keys(saved_model), **saved_model}
         now = asdict(model_cfg)
         for key, saved in saved_model.items():
             if key in MODEL_FREE or key not in now or now[key] == saved:

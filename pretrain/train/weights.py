@@ -339,6 +339,14 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer: Path) -
     check_init_tokenizer(weights_dir, run_dir, Path(tokenizer), key)
     ours = model.state_dict()
     now = model.cfg
+    # Same shapes, other functions: tanh-GELU and GELU weights fit each other, and so do norms with zero biases.
+    for name in INIT_FUNCTION_KEYS:
+        if getattr(saved_cfg, name) != getattr(now, name):
+            raise PipelineError(
+                f"{key} holds a model with model.{name}={getattr(saved_cfg, name)}, this run's has "
+                f"model.{name}={getattr(now, name)}; weights trained for one do not compute the other: set "
+                f"model.{name}={getattr(saved_cfg, name)} to start from them"
+            )
     for name, tensor in ours.items():
         if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
             there = tuple(state[name].shape) if name in state else "absent"
@@ -351,6 +359,10 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer: Path) -
     if saved_cfg.pos_encoding != now.pos_encoding:
         note += f"; note: its positions were {saved_cfg.pos_encoding}, this run's are {now.pos_encoding}"
     return note + "; the optimizer, schedule and data start fresh"
+
+
+# Model keys that change what the weights compute without always changing their shapes (train.init_from compares them).
+INIT_FUNCTION_KEYS = ("n_kv_head", "mlp", "norm", "alibi_slopes")
 
 
 def check_float(state: dict, where: Path, key: str) -> None:
@@ -411,4 +423,6 @@ def _vocabulary_difference(tokenizer_json: Path, spm_model: bytes) -> str | None
 
 
 def _shape(cfg: ModelConfig) -> str:
-    return f"n_layer={cfg.n_layer}, n_head={cfg.n_head}, d_model={cfg.d_model}, vocabulary {cfg.vocab_size}"
+    kv = f", n_kv_head={cfg.n_kv_head}" if cfg.n_kv_head != cfg.n_head else ""
+    mlp = f", mlp={cfg.mlp}" if cfg.mlp != "gelu_tanh" else ""
+    return f"n_layer={cfg.n_layer}, n_head={cfg.n_head}{kv}, d_model={cfg.d_model}{mlp}, vocabulary {cfg.vocab_size}"

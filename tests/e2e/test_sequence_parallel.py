@@ -28,6 +28,10 @@ def run_worker(tmp_path, *args):
         ["--mode", "ring", "--n-head", "6", "--zigzag"],
         ["--mode", "ring", "--n-head", "6", "--window", "7"],
         ["--mode", "ulysses", "--n-head", "6", "--pos-encoding", "rope"],
+        # grouped-query attention: 2 key/value heads for 6 query heads; and multi-query (its one head replicated)
+        ["--mode", "ulysses", "--n-head", "6", "--n-kv-head", "2"],
+        ["--mode", "ring", "--n-head", "6", "--n-kv-head", "2", "--zigzag"],
+        ["--mode", "ulysses", "--n-head", "6", "--n-kv-head", "1"],
     ],
     ids=" ".join,
 )

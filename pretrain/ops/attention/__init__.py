@@ -16,6 +16,12 @@ One module per kernel: ``blockwise`` (the CPU kernel and its backward), ``flex``
 
 Tensors are ``[batch, heads, length, head_dim]``. ``q_offset``/``k_offset`` are the global positions of
 the first query and key, so a sequence shard, a ring block or a decoding step gets the right bias.
+
+Grouped-query attention: ``k`` and ``v`` may have fewer heads than ``q`` (``H_kv`` dividing ``H``); query head ``h``
+reads key/value head ``h // (H / H_kv)``, and the slopes stay one per query head. FlexAttention reads the shared
+head itself (``enable_gqa``); the blockwise kernel folds each group's query heads into the rows of one matrix product
+against their shared keys (no copy of the keys or values; each block copies its queries once, ``G x rows x D``);
+``sdpa`` and ``eager``, the references, repeat the keys and values.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ def alibi_attention(
 ):
     """Causal attention with the ALiBi bias ``-slopes[h] * (i - j)`` over global positions ``i``, ``j``.
 
-    q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]``; slopes: float32 ``[H]``, or None for no bias (the
+    q: ``[B, H, Lq, D]``; k, v: ``[B, H_kv, Lk, D]`` (``H_kv`` dividing ``H``: grouped-query attention); slopes: float32 ``[H]``, or None for no bias (the
     baselines without ALiBi). Query ``q_offset + a`` sees key ``k_offset + b`` when its position is not
     later; with ``window`` W only its last W positions. Returns ``[B, H, Lq, D]``, and with
     ``return_lse`` also the float32 log-sum-exp of each row's scores ``[B, H, Lq]`` (``-inf`` for a row
@@ -91,10 +97,10 @@ def _check_inputs(q, k, v, slopes, q_offset, k_offset, backend, window) -> None:
             raise ValueError(f"{name} must be [batch, heads, length, head_dim]; got shape {tuple(t.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim "
-            "([batch, heads, length, head_dim])"
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim, and k's heads must divide "
+            "q's (grouped-query attention) ([batch, heads, length, head_dim])"
         )
     if slopes is not None and tuple(slopes.shape) != (q.shape[1],):
         raise ValueError(f"slopes must have shape [heads] = [{q.shape[1]}]; got {tuple(slopes.shape)}")

@@ -4,6 +4,13 @@ No ``L x L`` tensor is built or kept: scores exist one block at a time, the bias
 from global positions and slopes, and the backward pass recomputes each block from the saved log-sum-exp
 (FlexAttention has no backward on CPU). Ring attention calls ``blockwise_forward`` / ``blockwise_backward``
 on each pair of chunks.
+
+Grouped-query attention (``k``, ``v`` with ``H_kv`` heads, each shared by ``G = H / H_kv`` query heads): the ``G``
+query heads of a group share one key matrix, so their rows of a block are folded into one ``[G x rows, D]`` operand
+of a single matrix product against the shared keys (and the same for the values, and for ``dk``/``dv``, which then
+sum over the group inside the product). Keys and values are never repeated; the cost is one copy per block of its
+queries (and in the backward of its output gradients), ``G x rows x D`` floats against the block's ``G x rows x keys``
+scores. The score buffer keeps its ``[B, H, rows, keys]`` layout, so bias, masks and softmax are as without groups.
 """
 
 from __future__ import annotations
@@ -105,11 +112,22 @@ def _accumulate(dest, a, b, product):
     """``dest += a @ b`` for ``[B*H, n, m]`` tensors. The batched matmul accumulates in place in one call only
     into a contiguous tensor; into a slice of a larger one PyTorch falls back to one matmul per batch item
     (and on two threads each of those is a parallel region of its own). A slice therefore gets the product
-    in ``product``'s memory first, then one addition."""
-    if dest.is_contiguous():
+    in ``product``'s memory first, then one addition. ``a @ b`` may be a group-folded ``[B*H_kv, G*n, m]`` of a
+    ``[B*H, n, m]`` ``dest`` (see ``_fold``)."""
+    if dest.is_contiguous() and a.shape[0] == dest.shape[0]:
         dest.baddbmm_(a, b)
     else:
-        dest.add_(torch.bmm(a, b, out=product[: dest.numel()].view(dest.shape)))
+        shape = (a.shape[0], a.shape[1], b.shape[2])
+        dest.add_(torch.bmm(a, b, out=product[: dest.numel()].view(shape)).view(dest.shape))
+
+
+def _fold(t, group):
+    """``[B*H, rows, X]`` -> ``[B*H_kv, G*rows, X]``: the rows of a group's ``G`` query heads stacked, to multiply with
+    their shared key/value head in one product (grouped-query attention). A view when ``t`` is contiguous, else one
+    copy; ``t`` itself without groups."""
+    if group == 1:
+        return t
+    return t.reshape(t.shape[0] // group, group * t.shape[1], t.shape[2])
 
 
 def _block_view(buffer, batch, heads, rows, keys):
@@ -149,11 +167,14 @@ def _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide):
 
 def _block_scores(s4, written, qb, kc):
     """``bias + qb @ kc^T`` into ``s4``'s memory, as ``[B*H, rows, keys]``: the matmul adds to the bias in
-    place (beta=1) instead of a matmul followed by another pass over the block."""
-    s = s4.view(-1, s4.shape[2], s4.shape[3])
+    place (beta=1) instead of a matmul followed by another pass over the block. ``qb`` may be group-folded
+    (``[B*H_kv, G*rows, D]`` against ``kc`` ``[B*H_kv, keys, D]``): the same memory, the same result layout."""
+    s = s4.view(qb.shape[0], qb.shape[1], s4.shape[3])
     if written:
-        return s.baddbmm_(qb, kc.transpose(1, 2))
-    return torch.bmm(qb, kc.transpose(1, 2), out=s)
+        s.baddbmm_(qb, kc.transpose(1, 2))
+    else:
+        torch.bmm(qb, kc.transpose(1, 2), out=s)
+    return s4.view(-1, s4.shape[2], s4.shape[3])
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
@@ -180,6 +201,7 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
     """
     batch, heads, q_len, _ = q.shape
     bh = batch * heads
+    group = heads // k.shape[1]  # query heads per key/value head
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q3, k3, v3 = _as_3d(q), _as_3d(k), _as_3d(v)
     # Rows of query blocks that see no key keep these values: output 0, lse -inf.
@@ -196,7 +218,7 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
         for ks, ke, r0, r1, d0, masked in chunks:
             s4 = _block_view(buffer, batch, heads, r1 - r0, ke - ks)
             written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=True)
-            s = _block_scores(s4, written, qb[:, r0:r1], k3[:, ks:ke])
+            s = _block_scores(s4, written, _fold(qb[:, r0:r1], group), k3[:, ks:ke])
             old_max = row_max[:, r0:r1]
             new_max = torch.maximum(old_max, s.amax(dim=-1))
             # A row that has seen no key yet has max -inf; a finite shift keeps its s - shift at -inf, not nan.
@@ -206,7 +228,7 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
                 p.mul_(visible)  # the clamp made hidden entries 1.6e-38; they contribute exactly 0
             rescale = torch.exp(old_max - shift)
             row_sum[:, r0:r1].mul_(rescale).add_(p.sum(dim=-1))
-            _accumulate(acc[:, r0:r1].mul_(rescale[..., None]), p, v3[:, ks:ke], product)
+            _accumulate(acc[:, r0:r1].mul_(rescale[..., None]), _fold(p, group), v3[:, ks:ke], product)
             old_max.copy_(new_max)
         # Whether a row saw any key is read from its maximum: its sum is not a safe test.
         seen = torch.isfinite(row_max)
@@ -224,6 +246,7 @@ def blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset=0, k_offset=0, 
     """
     batch, heads, q_len, _ = q.shape
     bh = batch * heads
+    group = heads // k.shape[1]  # query heads per key/value head
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q3, k3, v3, do3, o3 = _as_3d(q), _as_3d(k), _as_3d(v), _as_3d(dout), _as_3d(out)
     # Rows of query blocks that see no key keep dq = 0.
@@ -248,20 +271,21 @@ def blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset=0, k_offset=0, 
             kc, vc = k3[:, ks:ke], v3[:, ks:ke]
             s4 = _block_view(s_buffer, batch, heads, r1 - r0, ke - ks)
             written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=False)
-            s = _block_scores(s4, written, qb[:, r0:r1], kc)
+            qc, doc = _fold(qb[:, r0:r1], group), _fold(dob[:, r0:r1], group)
+            s = _block_scores(s4, written, qc, kc)
             # A block holds only rows that see one of its keys, so their lse is finite: a row with lse -inf
             # (it sees no key) is in no block. (In a masked block its +inf would be capped and zeroed.)
             p = s.sub_(lse3[:, qs + r0 : qs + r1]).clamp_(EXP_FLOOR, EXP_CEIL).exp_()
             if visible is not None:
                 p.mul_(visible)  # hidden entries contribute exactly 0
-            _accumulate(dv[:, ks:ke], p.transpose(1, 2), dob[:, r0:r1], product)
+            _accumulate(dv[:, ks:ke], _fold(p, group).transpose(1, 2), doc, product)
             ds = _block_view(ds_buffer, 1, bh, r1 - r0, ke - ks)[0]
-            torch.bmm(dob[:, r0:r1], vc.transpose(1, 2), out=ds).sub_(delta[:, r0:r1]).mul_(p)
-            _accumulate(dq_b[:, r0:r1], ds, kc, product)
-            _accumulate(dk[:, ks:ke], ds.transpose(1, 2), qb[:, r0:r1], product)
+            torch.bmm(doc, vc.transpose(1, 2), out=_fold(ds, group))
+            ds.sub_(delta[:, r0:r1]).mul_(p)
+            _accumulate(dq_b[:, r0:r1], _fold(ds, group), kc, product)
+            _accumulate(dk[:, ks:ke], _fold(ds, group).transpose(1, 2), qc, product)
         torch.mul(dq_b, scale, out=dq[:, qs:qe])
-    shape = (batch, heads)
-    return dq.view(*shape, *q.shape[2:]), dk.view(*shape, *k.shape[2:]), dv.view(*shape, *v.shape[2:])
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 class BlockwiseAlibiAttention(torch.autograd.Function):

@@ -175,6 +175,9 @@ def flex_alibi_attention(
     slopes_dev = None if slopes is None else slopes.to(device=device, dtype=torch.float32)
     score_mod = alibi_score_mod(slopes_dev, _scalar(q_offset, dev), _scalar(k_offset, dev))
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale)
+    if k.shape[1] != q.shape[1]:
+        # Grouped-query attention: the kernel reads each shared key/value head for its group of query heads, no copies.
+        kwargs["enable_gqa"] = True
     if return_lse:
         kwargs["return_aux"] = AuxRequest(lse=True)
     if not compiled:

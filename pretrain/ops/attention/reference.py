@@ -20,7 +20,17 @@ def _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window):
     return bias, mask
 
 
+def repeat_kv(q, k, v):
+    """Keys and values with one head per query head (grouped-query attention, ``k``/``v`` ``[B, H_kv, L, D]``): each
+    shared head repeated for its group. The references materialize the copies; the fused kernels do not."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
+    k, v = repeat_kv(q, k, v)
     bias, mask = _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -31,6 +41,7 @@ def eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
 
 
 def sdpa_attention(q, k, v, slopes, q_offset, k_offset, window, scale):
+    k, v = repeat_kv(q, k, v)
     bias, mask = _dense_bias_and_mask(q, k, slopes, q_offset, k_offset, window)
     # The materialized L x L additive mask, as Hugging Face's BLOOM builds it, but kept in float32: in bf16
     # the bias -m * (i - j) is exact only up to 256 (at m = 0.5 keys 2040..2043 would share one value), the

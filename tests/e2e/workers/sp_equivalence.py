@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=44)
     parser.add_argument("--pos-encoding", default="alibi")
     parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--n-kv-head", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -32,7 +33,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(
         n_layer=2, n_head=args.n_head, d_model=8 * args.n_head, seq_len=args.seq_len, vocab_size=97,
-        pos_encoding=args.pos_encoding,
+        pos_encoding=args.pos_encoding, n_kv_head=args.n_kv_head,
     )  # fmt: skip
     model = GPT(cfg)
     tokens = torch.randint(0, 97, (2, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
