@@ -30,7 +30,10 @@ ALIBI_SLOPES = ("paper", "falcon")
 SWIGLU_MULTIPLE = 256
 # `all` is prepare -> train -> eval -> export; `eval` also runs prepare first (a cache hit that gives the validation
 # split).
-STAGES = ("all", "prepare", "train", "eval", "export", "generate")
+STAGES = ("all", "prepare", "train", "eval", "export", "generate", "harness")
+# harness.batch_size: a whole number, or lm-eval's search for the largest batch that fits (auto, auto:N re-searches N
+# times as the inputs get shorter).
+HARNESS_AUTO_BATCH = re.compile(r"auto(:[1-9][0-9]*)?")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
 # eval.windows: cut from the concatenated validation stream, or only inside one validation document.
 EVAL_WINDOWS = ("stream", "documents")
@@ -680,6 +683,68 @@ class GenerateConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """``stage=harness``: EleutherAI's lm-evaluation-harness on the export ``<run_dir>/hf/`` (``docs/eval.md``,
+    "Downstream tasks"); ``stage=all`` ends with it when ``tasks`` is not empty."""
+
+    # lm-eval task, group or tag names (hellaswag, arc_easy, mmlu, ...); []: stage=all runs no harness.
+    tasks: list[str] = field(default_factory=list)
+    # Examples shown before each question; null: each task's own default (0 for most).
+    num_fewshot: Optional[int] = None
+    # Examples per task: a whole number >= 1, or a fraction in (0, 1) of each task; null: all. With a limit the
+    # numbers are not comparable with published ones (for trying a setup).
+    limit: Optional[float] = None
+    batch_size: Any = 1
+    # A folder of task YAMLs in lm-eval's own format (local or private tasks); they win over built-in namesakes.
+    include_path: Optional[str] = None
+    # null: the run's device (cuda on a GPU machine, else cpu).
+    device: Optional[str] = None
+    # Python, numpy, torch and few-shot sampling seeds.
+    seed: int = 1234
+    # Longest input in tokens; longer ones lose tokens from the left (lm-eval's rule). null: no limit, every input is
+    # scored at its full length (ALiBi reads past the training length).
+    max_length: Optional[int] = None
+    # Also write every scored request: <run_dir>/eval/harness_samples/<task>.jsonl.
+    log_samples: bool = False
+    # Run directories (or harness.json files) whose results are tabulated beside this run's.
+    compare: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            if not isinstance(task, str) or not task.strip():
+                raise ConfigError(f"harness.tasks holds {task!r}; give lm-eval task names, e.g. [hellaswag,arc_easy]")
+        if self.num_fewshot is not None:
+            check_positive("harness.num_fewshot", self.num_fewshot, allow_zero=True)
+        if self.limit is not None and (
+            not math.isfinite(self.limit) or self.limit <= 0 or (self.limit >= 1 and self.limit != int(self.limit))
+        ):
+            raise ConfigError(
+                f"harness.limit={self.limit:g} is not allowed; give a whole number of examples per task >= 1, a "
+                "fraction in (0, 1) of each task, or null for all of them"
+            )
+        batch = str(self.batch_size)
+        if isinstance(self.batch_size, bool) or not (
+            (batch.isdigit() and int(batch) >= 1) or HARNESS_AUTO_BATCH.fullmatch(batch)
+        ):
+            raise ConfigError(f"harness.batch_size={batch!r} is not allowed; give a whole number >= 1, auto or auto:N")
+        self.batch_size = int(batch) if batch.isdigit() else batch
+        if batch.startswith("auto") and self.max_length is None:
+            raise ConfigError(
+                f"harness.batch_size={batch} needs harness.max_length=N: lm-eval sizes its batches for inputs of "
+                "max_length tokens (null: no limit); give a number, or set harness.max_length"
+            )
+        if self.max_length is not None:
+            check_positive("harness.max_length", self.max_length)
+        for key in ("include_path", "device"):
+            value = getattr(self, key)
+            if value is not None and not str(value).strip():
+                raise ConfigError(f"harness.{key}='' is not allowed; give a value or null")
+        for value in self.compare:
+            if not str(value).strip():
+                raise ConfigError("harness.compare holds an empty path; give run directories")
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"
     project: str = "alibi-pretrain"
@@ -701,6 +766,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     stage: str = "all"
     run_dir: str = "runs/default"
     # Print the run's plan (sizes, batch, FLOPs, memory per device) and exit.

@@ -24,6 +24,8 @@ class OptionalModule:
 # top-level module -> where it comes from
 OPTIONAL: dict[str, OptionalModule] = {
     "transformers": OptionalModule("transformers", "bench"),
+    # stage=harness: EleutherAI's lm-evaluation-harness (its hf model brings transformers and accelerate).
+    "lm_eval": OptionalModule("lm-eval", "harness"),
 }
 
 

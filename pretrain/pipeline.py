@@ -1,5 +1,6 @@
-"""The chain of stages: ``stage=all`` is prepare -> train -> eval -> export; ``prepare`` / ``train`` / ``eval`` run
-that stage (after prepare, a cache hit, when it needs the corpus); ``export`` needs no corpus.
+"""The chain of stages: ``stage=all`` is prepare -> train -> eval -> export (-> harness, with ``harness.tasks``);
+``prepare`` / ``train`` / ``eval`` run that stage (after prepare, a cache hit, when it needs the corpus); ``export``
+and ``harness`` need no corpus.
 
 Every check of the config runs before any work: the schemas' own checks when the config is built
 (``config.py``), then the checks that need the world size (``check_before_work``). A problem a user can cause
@@ -27,6 +28,7 @@ from pretrain.eval.split import check_eval_split
 from pretrain.eval.windows import eval_lengths
 from pretrain.export.run import plan_export, run_export
 from pretrain.generate.run import plan_generate, run_generate
+from pretrain.harness.run import harness_requested, plan_harness, run_harness
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.distributed import DistContext, init_distributed, launcher_env, shutdown_distributed
 from pretrain.perf.plan import format_plan, make_plan
@@ -105,6 +107,8 @@ def check_before_work(cfg: Config, world_size: int) -> None:
         plan_export(cfg)  # the weights and tokenizer exist, and BLOOM and the tokenizer conversion represent them
     if cfg.stage == "generate":
         plan_generate(cfg)  # a prompt is given, the weights exist, a learned table is long enough
+    if harness_requested(cfg):
+        plan_harness(cfg)  # lm-eval is installed, it knows the tasks, the export exists or can be made
     if cfg.stage in ("all", "train"):
         if cfg.train.resume == "none":
             refuse_starting_over(files)
@@ -167,6 +171,11 @@ def _run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None) ->
             invocation.record(cfg.run_dir)  # its checks passed in check_before_work (plan_export)
         run_export(cfg, ctx)
         return
+    if cfg.stage == "harness":  # the export (made first when missing or stale) and lm-eval's tasks: no corpus
+        if ctx.is_main and invocation is not None:
+            invocation.record(cfg.run_dir)
+        run_harness(cfg, ctx)
+        return
     # A later stage asks for the prepared corpus again: a cache hit when it is already there. Its tokenizer is
     # installed in the run directory only once the stage's checks pass: a refused command changes nothing.
     corpus = run_prepare(cfg, ctx, install=False)
@@ -196,6 +205,11 @@ def _run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None) ->
     if cfg.stage in ("all", "eval"):
         run_eval(cfg, ctx, corpus)
     if cfg.stage == "all":
-        run_export(cfg, ctx)  # skipped, with one line saying why, for a model BLOOM cannot represent
+        exported = run_export(cfg, ctx)  # skipped, with one line saying why, for a model BLOOM cannot represent
+        if cfg.harness.tasks:
+            if exported is not None:
+                run_harness(cfg, ctx)
+            elif ctx.is_main:
+                print("[harness] skipped: there is no export to score")
     if cfg.stage == "generate":  # not part of stage=all
         run_generate(cfg, ctx, corpus)

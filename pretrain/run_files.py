@@ -50,6 +50,21 @@ class RunFiles:
         return self.eval_dir / "results.json"
 
     @property
+    def harness_results(self) -> Path:
+        """``stage=harness``: lm-evaluation-harness's results with what was evaluated and how."""
+        return self.eval_dir / "harness.json"
+
+    @property
+    def harness_samples(self) -> Path:
+        """``harness.log_samples=true``: every scored request, ``<task>.jsonl`` a task."""
+        return self.eval_dir / "harness_samples"
+
+    @property
+    def harness_compare(self) -> Path:
+        """``harness.compare``: the runs' results side by side (Markdown)."""
+        return self.eval_dir / "harness_compare.md"
+
+    @property
     def generate_dir(self) -> Path:
         return self.root / "generate"
 

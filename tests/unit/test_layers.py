@@ -21,6 +21,7 @@ LAYERS = [
     {"train"},
     {"eval"},
     {"export", "generate"},
+    {"harness"},  # lm-evaluation-harness on the export
     {"pipeline", "run_lock", "run_record", "__main__"},
     {"bench"},
 ]
