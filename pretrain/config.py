@@ -482,6 +482,7 @@ class TrainConfig:
     eval_tokens: int = 4096
     # Record steps START..END (inclusive) with the PyTorch profiler: <run_dir>/train/profile/ (Chrome/Perfetto JSON).
     profile: Optional[list[int]] = None
+    # A metrics row (and the host reads of the loss and gradient norm) every N steps, and at every eval/checkpoint.
     log_every: int = 1
     # Extra DeepSpeed config: a dict merged over the generated one, or a path to a JSON file.
     deepspeed: Any = None

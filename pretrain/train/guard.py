@@ -18,11 +18,12 @@ import torch
 from pretrain.errors import PipelineError
 
 
-def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+def gradients_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor | bool:
+    """Whether every gradient the optimizer holds is finite: a bool tensor on the gradients' device (no host sync)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
 
 
 class DivergenceGuard:
@@ -50,7 +51,8 @@ class DivergenceGuard:
         inner = optimizer.step
 
         def guarded_step(opt, *args, **kwargs):
-            if self.loss_finite and gradients_finite(opt):
+            # The one host sync of a training step: whether to update at all must be known here.
+            if bool(gradients_finite(opt) & self.loss_finite):
                 return inner(*args, **kwargs)
             self.updates_skipped += 1
             return None
@@ -58,8 +60,9 @@ class DivergenceGuard:
         # A bound method, as the learning-rate schedule expects when it wraps ``step`` in turn.
         optimizer.step = types.MethodType(guarded_step, optimizer)
 
-    def before_update(self, loss_finite: bool) -> None:
-        """Called before the engine's step with whether the step's loss was finite on every rank."""
+    def before_update(self, loss_finite: torch.Tensor | bool) -> None:
+        """Called before the engine's step with whether the step's loss was finite on every rank (a bool, or a bool
+        tensor left on the device: the optimizer's step reads it with the gradients' check, in one sync)."""
         self.loss_finite = loss_finite
         self.updates_skipped = 0
 

@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,6 @@ from pretrain.model.gpt import GPT
 from pretrain.parallel.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
 from pretrain.parallel.distributed import (
     DistContext,
-    all_ranks,
     all_reduce,
     build_parallel_groups,
     ensure_process_group,
@@ -89,13 +88,62 @@ class StopSignal:
 
 def mean_over_ranks(value: torch.Tensor, ctx: DistContext) -> float:
     """The mean of a one-element tensor over all ranks, as a float."""
-    return (all_reduce(value.detach().float().reshape(1), ctx) / ctx.world_size).item()
+    return mean_tensor_over_ranks(value, ctx).item()
 
 
-def grad_norm_stage0(model: torch.nn.Module) -> float:
-    """Global L2 norm of the (already all-reduced) gradients; DeepSpeed reports it only for ZeRO >= 1."""
+def mean_tensor_over_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The mean of a one-element tensor over all ranks, left on the device (``[1]``, float32)."""
+    return all_reduce(value.detach().float().reshape(1), ctx) / ctx.world_size
+
+
+def finite_on_all_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Whether ``value`` is finite on every rank: a bool tensor on the device, read by the divergence guard."""
+    finite = torch.isfinite(value.detach()).float().reshape(1)
+    return all_reduce(finite, ctx, op=dist.ReduceOp.MIN) > 0
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step whose loss and gradient norm have not been read from the device yet."""
+
+    step: int
+    loss: torch.Tensor  # [1], the mean over ranks
+    grad_norm: torch.Tensor | float | None
+    lr: float
+    updates_skipped: int  # the guard's count for this step (known on the host: the guard decided it)
+
+
+def logged_step(step: int, tcfg) -> bool:
+    """Whether step ``step`` reads its values and writes a metrics row: every ``train.log_every`` steps, and at every
+    step that evaluates, checkpoints or may stop (a stop signal or the time limit is looked at on these steps)."""
+    return (
+        step % tcfg.log_every == 0
+        or step >= tcfg.max_steps
+        or step % tcfg.eval_every == 0
+        or step % tcfg.ckpt_every == 0
+        or (tcfg.stop_at_step is not None and step >= tcfg.stop_at_step)
+    )
+
+
+def read_pending(pending: list[PendingStep]) -> list[tuple[PendingStep, float, float | None]]:
+    """(step, loss, grad norm) of every pending step, read from the device in one transfer."""
+    values = [p.loss.reshape(()) for p in pending]
+    norms = [p.grad_norm for p in pending]
+    at = [i for i, norm in enumerate(norms) if isinstance(norm, torch.Tensor)]
+    values += [norms[i].detach().float().reshape(()).to(values[0].device) for i in at]
+    read = torch.stack(values).tolist()
+    losses, tensor_norms = read[: len(pending)], dict(zip(at, read[len(pending) :], strict=True))
+    out = []
+    for i, p in enumerate(pending):
+        norm = tensor_norms.get(i, norms[i])
+        out.append((p, losses[i], None if norm is None else float(norm)))
+    return out
+
+
+def grad_norm_stage0(model: torch.nn.Module) -> torch.Tensor | float:
+    """Global L2 norm of the (already all-reduced) gradients, on the device; DeepSpeed reports it only for ZeRO >= 1."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
 
 
 def skip_lone_allreduce(engine, world_size: int, zero_stage: int) -> None:
@@ -269,10 +317,13 @@ def run_train(
             f"{loss_note}; raise train.max_steps to train on"
         )
     profiler = StepProfiler(tcfg.profile, RunFiles(run_dir).train_dir / "profile", ctx)
+    # Each step's loss and gradient norm stay on the device until the next logged step (train.log_every), which reads
+    # them all in one transfer: with the divergence guard's check, a step costs one host sync, a logged step one more.
+    pending: list[PendingStep] = []
+    interval_start = time.perf_counter()
     try:
         while step < tcfg.max_steps:
             profiler.before_step(step + 1)
-            started = time.perf_counter()
             loss_sum = torch.zeros((), device=ctx.device)  # on the device: no host sync per micro-batch
             norm = None
             for _ in range(tcfg.grad_accum):
@@ -281,31 +332,42 @@ def run_train(
                 engine.backward(loss * loss_scale)
                 loss_sum += loss.detach().float()
                 if engine.is_gradient_accumulation_boundary():
-                    guard.before_update(all_ranks(bool(torch.isfinite(loss_sum)), ctx))
+                    guard.before_update(finite_on_all_ranks(loss_sum, ctx))
                     if tcfg.zero_stage == 0:
                         norm = grad_norm_stage0(engine.module)
                 lr = scheduler.get_last_lr()[0]
                 engine.step()
             step += 1
-            loss_value = mean_over_ranks(loss_sum / tcfg.grad_accum, ctx)
             if norm is None:
-                reported = engine.get_global_grad_norm()
-                norm = None if reported is None else float(reported)
-            # fp16's loss scaler skips overflowing steps itself, with an infinite norm: not a divergence.
-            flags = guard.after_step(step, loss_value, None if tcfg.precision == "fp16" else norm)
-            if flags.get("loss_spike"):
-                monitor.write(
-                    f"step {step}: loss spike: {loss_value:.4f} is above {tcfg.spike_factor} x the recent mean"
-                )
-            if flags.get("skipped"):
-                monitor.write(f"step {step}: the loss or gradient is not finite; the update was skipped")
-            elapsed = time.perf_counter() - started
+                norm = engine.get_global_grad_norm()
+            loss_mean = mean_tensor_over_ranks(loss_sum / tcfg.grad_accum, ctx)
+            pending.append(PendingStep(step, loss_mean, norm, lr, guard.updates_skipped))
+            if not logged_step(step, tcfg):
+                if profiler.after_step(step):
+                    monitor.write(f"profiled steps {tcfg.profile[0]}..{step}: {profiler.trace}")
+                continue
+            steps = read_pending(pending)
+            pending.clear()
+            elapsed = (time.perf_counter() - interval_start) / len(steps)
+            for pending_step, loss_value, norm in steps:
+                # fp16's loss scaler skips overflowing steps itself, with an infinite norm: not a divergence.
+                guard.updates_skipped = pending_step.updates_skipped
+                flags = guard.after_step(pending_step.step, loss_value, None if tcfg.precision == "fp16" else norm)
+                if flags.get("loss_spike"):
+                    monitor.write(
+                        f"step {pending_step.step}: loss spike: {loss_value:.4f} is above {tcfg.spike_factor} x the "
+                        "recent mean"
+                    )
+                if flags.get("skipped"):
+                    monitor.write(
+                        f"step {pending_step.step}: the loss or gradient is not finite; the update was skipped"
+                    )
             tokens_per_s = tokens_per_step / elapsed
             monitor.log_step(
                 step,
                 {
                     "loss": loss_value,
-                    "lr": lr,
+                    "lr": pending_step.lr,
                     "grad_norm": norm,
                     "tokens": step * tokens_per_step,
                     "tokens_per_s": tokens_per_s,
@@ -334,6 +396,7 @@ def run_train(
                     f"stopped after step {step} ({stopper.reason}); checkpoint saved, resume with the same command"
                 )
                 break
+            interval_start = time.perf_counter()  # the next interval's time excludes this step's eval and checkpoint
         finished = step >= tcfg.max_steps
         if finished:
             weights = save_weights(

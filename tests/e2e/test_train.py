@@ -68,6 +68,15 @@ def test_resumed_run_is_the_uninterrupted_run_and_old_checkpoints_are_pruned(wor
     assert kept == ["step_00000015", "step_00000020"]
     assert (straight / "checkpoints" / "latest").read_text() == "step_00000020"
 
+    # train.log_every=3 reads the device once per logged step: rows every 3 steps and at each checkpoint, with the
+    # losses of the run that logged every step, and a resume from the step-10 checkpoint as exact.
+    sparse, _ = train(workdir, "sparse", *common, "train.log_every=3", "train.stop_at_step=10")
+    train(workdir, "sparse", *common, "train.log_every=3")
+    got = losses(sparse)
+    assert sorted(got) == [3, 5, 6, 9, 10, 12, 15, 18, 20]
+    for step, loss in got.items():
+        assert loss == want[step], (step, loss, want[step])
+
 
 @pytest.mark.parametrize(
     "args, message",
