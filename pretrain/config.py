@@ -50,6 +50,8 @@ RESUME_OVERRIDABLE = (
     "train.grad_clip",
     "train.micro_batch_size",
     "train.grad_accum",
+    # What attention sees of a packed window: a change applies from the resumed step on (the data stream is the same).
+    "train.document_mask",
 )
 DATA_SOURCES = ("stdlib", "files", "hf", "mix")
 # What one source of a data=mix mixture may be (data.sources[i].kind), and the keys a source takes.
@@ -480,6 +482,9 @@ class TrainConfig:
     # model.seq_len ([] turns it off), eval_tokens predictions each, with the windowed control (val/ppl@{k}x).
     eval_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
     eval_tokens: int = 4096
+    # Attention stays inside each document of a packed window (never across </s>). Off by default: the ALiBi paper
+    # and GPT-2 train on the plain stream, and the default run stays that run (docs/eval.md).
+    document_mask: bool = False
     # Record steps START..END (inclusive) with the PyTorch profiler: <run_dir>/train/profile/ (Chrome/Perfetto JSON).
     profile: Optional[list[int]] = None
     # A metrics row (and the host reads of the loss and gradient norm) every N steps, and at every eval/checkpoint.

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.model.kv_cache import CacheStep, KVCache
-from pretrain.model.positions import PositionEncoding
+from pretrain.model.positions import PositionEncoding, is_absolute
 from pretrain.ops.attention import alibi_attention
+from pretrain.ops.documents import document_starts
 from pretrain.ops.loss import linear_cross_entropy
 
 # Signature of the attention call: (q, k, v, slopes, q_offset, k_offset, window=None) -> out, [B, H, L, D].
@@ -68,14 +69,23 @@ class CausalSelfAttention(nn.Module):
         q = qkv[:, :, :, :group].reshape(batch, length, self.n_head, self.head_dim).transpose(1, 2)
         return q, qkv[:, :, :, group].transpose(1, 2), qkv[:, :, :, group + 1].transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, offset: int, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        offset: int,
+        positions: torch.Tensor,
+        window: int | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.split_heads(self.query_key_value(x))
         q, k = self.pos.rotate(q, k, positions, positions)
+        # Documents (train.document_mask) go only where asked, so attention functions without them keep working.
+        docs = {} if document_ids is None else {"document_ids": document_ids}
         if self.attend is not None:
-            y = self.attend(q, k, v, self.pos.slopes, offset, offset, window=window)
+            y = self.attend(q, k, v, self.pos.slopes, offset, offset, window=window, **docs)
         else:
-            y = alibi_attention(q, k, v, self.pos.slopes, offset, offset, backend=self.backend, window=window)
+            y = alibi_attention(q, k, v, self.pos.slopes, offset, offset, backend=self.backend, window=window, **docs)
         return self.dense(y.transpose(1, 2).reshape(batch, length, -1))
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int, step: CacheStep) -> torch.Tensor:
@@ -138,8 +148,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, offset: int, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), offset, positions, window))
+    def forward(
+        self,
+        x: torch.Tensor,
+        offset: int,
+        positions: torch.Tensor,
+        window: int | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), offset, positions, window, document_ids))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int, step: CacheStep) -> torch.Tensor:
@@ -186,21 +203,28 @@ class GPT(nn.Module):
         offset: int = 0,
         positions: torch.Tensor | None = None,
         window: int | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``[B, L, d_model]`` of tokens at global positions ``offset .. offset + L - 1``.
 
         ``positions`` ``[L]`` gives them explicitly instead (a sequence-parallel rank may hold pieces that
         are not contiguous); attention then comes from the installed sequence-parallel ``attend``. With
-        ``window`` W each query sees only its last W keys (the evaluation's windowed control).
+        ``window`` W each query sees only its last W keys (the evaluation's windowed control). ``document_ids``
+        int64 ``[B, N]`` over global positions (``pretrain.ops.documents``; the whole window under sequence
+        parallelism): a query sees only keys of its own document, and absolute encodings count positions from each
+        document's first token (ALiBi's bias and RoPE are relative: inside a document they are unchanged).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}")
         if positions is None:
             positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
-        x = self.pos.embed(self.word_embeddings(input_ids), positions)
+        embedded = positions
+        if document_ids is not None and is_absolute(self.cfg.pos_encoding):
+            embedded = positions - document_starts(document_ids.to(positions.device))[:, positions]
+        x = self.pos.embed(self.word_embeddings(input_ids), embedded)
         x = self.embed_dropout(self.word_embeddings_layernorm(x))
         for block in self.h:
-            x = block(x, offset, positions, window)
+            x = block(x, offset, positions, window, document_ids)
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -215,6 +239,7 @@ class GPT(nn.Module):
         offset: int = 0,
         positions: torch.Tensor | None = None,
         window: int | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, vocab]``, or with ``targets`` ``[B, L]`` the mean cross-entropy (ignore index -100).
 
@@ -223,7 +248,7 @@ class GPT(nn.Module):
         """
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
-        hidden = self.hidden_states(input_ids, offset, positions, window)
+        hidden = self.hidden_states(input_ids, offset, positions, window, document_ids)
         if targets is None:
             return self.logits(hidden)
         return linear_cross_entropy(hidden, self.word_embeddings.weight, targets)

@@ -10,10 +10,14 @@ Each block runs the device's fused kernel: FlexAttention on CUDA (in the model's
 the blockwise kernel on CPU. The blockwise kernel has a backward that takes the merged output and log-sum-exp
 directly; FlexAttention's block gradients come through autograd, from the gradients that reach the block's
 output and log-sum-exp through the merge (``block_backward_through_autograd``).
+
+Documents (``document_ids`` ``[B, L]``, global positions) travel with nothing: every rank holds the whole window's
+ids, and each block reads the ids of its query and key positions from them (its offsets), zigzag included.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,20 +34,23 @@ def block_kernel(q: torch.Tensor) -> str:
     return "flex" if uses_flex(q) else "blockwise"
 
 
-def block_forward(q, k, v, slopes, q_offset, k_offset, window, scale):
+def block_forward(q, k, v, slopes, q_offset, k_offset, window, scale, document_ids=None):
     """One block's ``(out, lse)``, both float32 ``[B, H, Lq, D]`` / ``[B, H, Lq]``."""
     if block_kernel(q) == "flex":
-        out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale)
+        out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale, document_ids=document_ids)
         return out.float(), lse
-    return blockwise_forward(q, k, v, slopes, q_offset, k_offset, window, scale)
+    return blockwise_forward(q, k, v, slopes, q_offset, k_offset, window, scale, document_ids)
 
 
-def block_backward(dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale):
+def block_backward(dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale, document_ids=None):
     """One block's ``(dq, dk, dv)`` float32, given the *merged* output and log-sum-exp of its query rows."""
     if block_kernel(q) == "flex":
         args = (dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale)
-        return block_backward_through_autograd(flex_alibi_attention, *args)
-    return blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale)
+        kernel = functools.partial(flex_alibi_attention, document_ids=document_ids)
+        return block_backward_through_autograd(kernel, *args)
+    return blockwise_backward(
+        dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale, document_ids=document_ids
+    )
 
 
 def block_backward_through_autograd(kernel, dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale):
@@ -101,7 +108,7 @@ def _exchange(tensors: list[torch.Tensor], group, send_to: int, recv_from: int):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, group, seq_len, zigzag, window, scale):
+    def forward(ctx, q, k, v, slopes, group, seq_len, zigzag, window, scale, document_ids=None):
         sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
         send_to = dist.get_global_rank(group, (sp_rank + 1) % sp_size)
         recv_from = dist.get_global_rank(group, (sp_rank - 1) % sp_size)
@@ -119,21 +126,22 @@ class _RingAttention(torch.autograd.Function):
                     if not _visible(qs, ql, ks, kl, window):
                         continue
                     block_out, block_lse = block_forward(
-                        q[:, :, qslice], k_cur[:, :, kslice], v_cur[:, :, kslice], slopes, qs, ks, window, scale
-                    )
+                        q[:, :, qslice], k_cur[:, :, kslice], v_cur[:, :, kslice], slopes, qs, ks, window, scale,
+                        document_ids,
+                    )  # fmt: skip
                     _merge(out[:, :, qslice], lse[:, :, qslice], block_out, block_lse)
             if pending is not None:
                 for request in pending[0]:
                     request.wait()
                 k_cur, v_cur = pending[1]
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, slopes)
+        ctx.save_for_backward(q, k, v, out, lse, slopes, document_ids)
         ctx.args = (group, seq_len, zigzag, window, scale)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, slopes = ctx.saved_tensors
+        q, k, v, out, lse, slopes, document_ids = ctx.saved_tensors
         group, seq_len, zigzag, window, scale = ctx.args
         sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
         send_to = dist.get_global_rank(group, (sp_rank + 1) % sp_size)
@@ -153,7 +161,7 @@ class _RingAttention(torch.autograd.Function):
                     # gradient is computed on its own.
                     bq, bk, bv = block_backward(
                         dout[:, :, qslice], q[:, :, qslice], k_cur[:, :, kslice], v_cur[:, :, kslice],
-                        out[:, :, qslice], lse[:, :, qslice], slopes, qs, ks, window, scale,
+                        out[:, :, qslice], lse[:, :, qslice], slopes, qs, ks, window, scale, document_ids,
                     )  # fmt: skip
                     dq[:, :, qslice] += bq
                     dk_cur[:, :, kslice] += bk
@@ -170,7 +178,7 @@ class _RingAttention(torch.autograd.Function):
                 dk_cur, dv_cur = received
             else:
                 k_cur, v_cur, dk_cur, dv_cur = received
-        return dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), None, None, None, None, None, None, None
 
 
 class RingAttention:
@@ -181,6 +189,6 @@ class RingAttention:
         self.seq_len = seq_len
         self.zigzag = zigzag
 
-    def __call__(self, q, k, v, slopes, q_offset=0, k_offset=0, window=None):
+    def __call__(self, q, k, v, slopes, q_offset=0, k_offset=0, window=None, document_ids=None):
         scale = q.shape[-1] ** -0.5
-        return _RingAttention.apply(q, k, v, slopes, self.group, self.seq_len, self.zigzag, window, scale)
+        return _RingAttention.apply(q, k, v, slopes, self.group, self.seq_len, self.zigzag, window, scale, document_ids)

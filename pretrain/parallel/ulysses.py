@@ -57,11 +57,13 @@ class UlyssesAttention:
         self._slopes_on: dict[torch.device, torch.Tensor] = {}
         self._slopes: Optional[torch.Tensor] = None
         self._window: Optional[int] = None
+        self._document_ids: Optional[torch.Tensor] = None
 
     def _local(self, q, k, v, *args, **kwargs):
         # [B, L, H/P, D] for the whole sequence and this rank's heads.
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = alibi_attention(q, k, v, self._slopes, 0, 0, backend=self.backend, window=self._window)
+        docs = {} if self._document_ids is None else {"document_ids": self._document_ids}
+        out = alibi_attention(q, k, v, self._slopes, 0, 0, backend=self.backend, window=self._window, **docs)
         return out.transpose(1, 2)
 
     def slopes_on(self, device: torch.device) -> torch.Tensor:
@@ -70,10 +72,12 @@ class UlyssesAttention:
             self._slopes_on[device] = self.rank_slopes.to(device)
         return self._slopes_on[device]
 
-    def __call__(self, q, k, v, slopes, q_offset=0, k_offset=0, window=None):
-        # ``slopes`` is the model's buffer for all heads (None: the model has no ALiBi).
+    def __call__(self, q, k, v, slopes, q_offset=0, k_offset=0, window=None, document_ids=None):
+        # ``slopes`` is the model's buffer for all heads (None: the model has no ALiBi). ``document_ids`` [B, L] cover
+        # global positions: every rank holds the whole sequence's ids, what its heads attend over after the all-to-all.
         self._slopes = None if slopes is None else self.slopes_on(slopes.device)
         self._window = window
+        self._document_ids = document_ids
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, L/P, H, D]; k, v [B, L/P, H_kv, D]
         if self.kv_repeat > 1:
             k, v = (t.repeat_interleave(self.kv_repeat, dim=2) for t in (k, v))

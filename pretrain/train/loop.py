@@ -20,7 +20,9 @@ import torch.distributed as dist
 from pretrain.config import Config, resolve_precision
 from pretrain.data.loader import ValidationSplits, train_loader
 from pretrain.data.prepare import install_tokenizer
+from pretrain.data.tokenizer import EOS_ID
 from pretrain.model.gpt import GPT
+from pretrain.ops.documents import document_ids_from_tokens
 from pretrain.parallel.deepspeed_config import deepspeed_config, global_batch, sequence_loss_scale
 from pretrain.parallel.distributed import (
     DistContext,
@@ -153,21 +155,31 @@ def skip_lone_allreduce(engine, world_size: int, zero_stage: int) -> None:
         engine.enable_backward_allreduce = False
 
 
-def forward_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, layout: SequenceLayout | None):
-    """Mean loss of this rank's tokens: the whole sequences, or its shard of them under sequence parallelism."""
+def forward_loss(
+    engine, inputs: torch.Tensor, targets: torch.Tensor, layout: SequenceLayout | None, document_mask: bool = False
+):
+    """Mean loss of this rank's tokens: the whole sequences, or its shard of them under sequence parallelism. With
+    ``document_mask`` (``train.document_mask``) attention stays inside the documents of each window: their ids come
+    from the ``</s>`` of the whole window, global positions on every rank of a sequence-parallel group."""
+    docs = {}
+    if document_mask:
+        docs["document_ids"] = document_ids_from_tokens(inputs, EOS_ID).to(engine.device)
     if layout is None:
-        return engine(inputs.to(engine.device), targets.to(engine.device))
+        return engine(inputs.to(engine.device), targets.to(engine.device), **docs)
     positions = layout.positions(engine.device)
-    return engine(layout.shard(inputs).to(engine.device), layout.shard(targets).to(engine.device), positions=positions)
+    shard_inputs, shard_targets = layout.shard(inputs).to(engine.device), layout.shard(targets).to(engine.device)
+    return engine(shard_inputs, shard_targets, positions=positions, **docs)
 
 
 @torch.no_grad()
-def validation_loss(engine, batches, ctx: DistContext, layout: SequenceLayout | None) -> float:
+def validation_loss(
+    engine, batches, ctx: DistContext, layout: SequenceLayout | None, document_mask: bool = False
+) -> float:
     """Mean loss over validation batches (each rank holds its share), averaged over ranks."""
     engine.eval()
     total, count = torch.zeros(1, device=ctx.device), torch.zeros(1, device=ctx.device)
     for inputs, targets in batches:
-        total += forward_loss(engine, inputs, targets, layout).float()
+        total += forward_loss(engine, inputs, targets, layout, document_mask).float()
         count += 1
     total, count = all_reduce(total, ctx), all_reduce(count, ctx)
     engine.train()
@@ -328,7 +340,7 @@ def run_train(
             norm = None
             for _ in range(tcfg.grad_accum):
                 inputs, targets = loader.next_batch()
-                loss = forward_loss(engine, inputs, targets, layout)
+                loss = forward_loss(engine, inputs, targets, layout, tcfg.document_mask)
                 engine.backward(loss * loss_scale)
                 loss_sum += loss.detach().float()
                 if engine.is_gradient_accumulation_boundary():
@@ -382,7 +394,9 @@ def run_train(
                 monitor.write(f"profiled steps {tcfg.profile[0]}..{step}: {profiler.trace}")
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                 # by_source: a mixture's loss per source ({"loss/<label>": ...}; val/loss/<label> in wandb).
-                val_loss, by_source = validation.losses(lambda batches: validation_loss(engine, batches, ctx, layout))
+                val_loss, by_source = validation.losses(
+                    lambda batches: validation_loss(engine, batches, ctx, layout, tcfg.document_mask)
+                )
                 longer = extrapolation(engine.module, model_cfg) if extrapolation is not None else {}
                 monitor.log_eval(step, val_loss, {**by_source, **longer})
             stopping = step < tcfg.max_steps and stopper.check(step)

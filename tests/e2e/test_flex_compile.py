@@ -107,3 +107,22 @@ def test_flex_inside_a_compiled_model_gives_the_references_output():
             q = torch.randn(1, HEADS, length, HEAD_DIM)
             want, _ = eager_attention(q, q, q, head_slopes, offset, offset, None, HEAD_DIM**-0.5)
             assert (compiled(q, offset) - 2 * want).abs().max().item() < 1e-4
+
+
+def test_compiled_flex_with_documents_matches_each_document_alone():
+    """train.document_mask on the compiled FlexAttention path (CPU: forward only, compiled static per shape)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, 300, HEAD_DIM, generator=g) for _ in range(3))
+    lengths = [[1, 130, 9, 160], [300]]  # a one-token document, documents across 128-blocks, one whole row
+    ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
+    s = slopes(HEADS)
+    with torch.no_grad():
+        out, _ = flex_alibi_attention(q, k, v, s, document_ids=ids, return_lse=False)
+        for b, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                part = slice(start, start + n)
+                alone, _ = eager_attention(q[b:b+1, :, part], k[b:b+1, :, part], v[b:b+1, :, part], s, 0, 0, None,
+                                           HEAD_DIM**-0.5)  # fmt: skip
+                assert torch.allclose(out[b : b + 1, :, part], alone, atol=1e-5)
+                start += n

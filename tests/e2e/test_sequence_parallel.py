@@ -28,6 +28,9 @@ def run_worker(tmp_path, *args):
         ["--mode", "ring", "--n-head", "6", "--zigzag"],
         ["--mode", "ring", "--n-head", "6", "--window", "7"],
         ["--mode", "ulysses", "--n-head", "6", "--pos-encoding", "rope"],
+        ["--mode", "ulysses", "--n-head", "4", "--documents"],
+        ["--mode", "ring", "--n-head", "6", "--zigzag", "--documents"],
+        ["--mode", "ring", "--n-head", "4", "--documents", "--pos-encoding", "learned"],
         # grouped-query attention: 2 key/value heads for 6 query heads; and multi-query (its one head replicated)
         ["--mode", "ulysses", "--n-head", "6", "--n-kv-head", "2"],
         ["--mode", "ring", "--n-head", "6", "--n-kv-head", "2", "--zigzag"],
@@ -66,6 +69,23 @@ def test_training_with_sequences_split_over_two_ranks_matches_one_rank(workdir, 
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] < 1e-3, (a, b)
         assert a["tokens"] == b["tokens"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("parallel", ["parallel=ulysses2", "parallel=ring2"])
+def test_document_masked_training_on_two_ranks_matches_one_rank(workdir, parallel):
+    """train.document_mask=true: 6 steps with each sequence split over 2 ranks give the 1-rank losses (documents
+    cross the shard and ring-block boundaries of these 40-token windows)."""
+    common = ["stage=train", *SMALL_RUN, "train.max_steps=6", "model.seq_len=40", "model.n_head=4"]
+    common += ["train.document_mask=true"]
+    name = parallel.replace("=", "_")
+    one, two = workdir / f"docs-one-{name}", workdir / f"docs-two-{name}"
+    run_pretrain([*common, f"run_dir={one}"], cwd=workdir)
+    run_pretrain([*common, parallel, f"run_dir={two}"], cwd=workdir, ranks=2)
+    want, got = metrics(one), metrics(two)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 7))
+    for a, b in zip(want, got):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] <= 1e-4, (a, b)
 
 
 @pytest.mark.multirank

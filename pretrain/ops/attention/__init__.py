@@ -34,6 +34,7 @@ from pretrain.config import ATTENTION_BACKENDS
 from pretrain.ops.attention.blockwise import BlockwiseAlibiAttention
 from pretrain.ops.attention.flex import MIN_HEAD_DIM, flex_alibi_attention
 from pretrain.ops.attention.reference import eager_attention, sdpa_attention
+from pretrain.ops.documents import check_document_ids
 
 # The names model.attention accepts (the command line checks them before any kernel is imported), and flex.
 BACKENDS = ATTENTION_BACKENDS + ("flex",)
@@ -51,6 +52,7 @@ def alibi_attention(
     window: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    document_ids: torch.Tensor | None = None,
 ):
     """Causal attention with the ALiBi bias ``-slopes[h] * (i - j)`` over global positions ``i``, ``j``.
 
@@ -58,29 +60,37 @@ def alibi_attention(
     baselines without ALiBi). Query ``q_offset + a`` sees key ``k_offset + b`` when its position is not
     later; with ``window`` W only its last W positions. Returns ``[B, H, Lq, D]``, and with
     ``return_lse`` also the float32 log-sum-exp of each row's scores ``[B, H, Lq]`` (``-inf`` for a row
-    that sees no key, whose output is zero).
+    that sees no key, whose output is zero). ``document_ids``: int64 ``[B, N]`` over global positions (N past the
+    last query and key position; ``pretrain.ops.documents``): a query then sees only keys of its own document.
     """
     _check_inputs(q, k, v, slopes, q_offset, k_offset, backend, window)
+    if document_ids is not None:
+        check_document_ids(document_ids, q.shape[0], max(q_offset + q.shape[2], k_offset + k.shape[2]))
+    docs = {} if document_ids is None else {"document_ids": document_ids}
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "fused":
         if uses_flex(q):
-            out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale, return_lse=return_lse)
+            out, lse = flex_alibi_attention(
+                q, k, v, slopes, q_offset, k_offset, window, scale, return_lse=return_lse, **docs
+            )
         else:
-            out, lse = BlockwiseAlibiAttention.apply(q, k, v, slopes, q_offset, k_offset, window, scale)
+            out, lse = BlockwiseAlibiAttention.apply(q, k, v, slopes, q_offset, k_offset, window, scale, document_ids)
     elif backend == "flex":
         if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError(
                 "backend='flex' has no backward pass on CPU in this torch; use backend='fused' to train on CPU "
                 "(or run under torch.no_grad())"
             )
-        out, lse = flex_alibi_attention(q, k, v, slopes, q_offset, k_offset, window, scale, return_lse=return_lse)
+        out, lse = flex_alibi_attention(
+            q, k, v, slopes, q_offset, k_offset, window, scale, return_lse=return_lse, **docs
+        )
     elif backend == "sdpa":
         if return_lse:
             raise ValueError("return_lse=True needs backend='fused' or 'eager'; sdpa does not expose it")
-        out, lse = sdpa_attention(q, k, v, slopes, q_offset, k_offset, window, scale), None
+        out, lse = sdpa_attention(q, k, v, slopes, q_offset, k_offset, window, scale, **docs), None
     else:
-        out, lse = eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale)
+        out, lse = eager_attention(q, k, v, slopes, q_offset, k_offset, window, scale, **docs)
     return (out, lse) if return_lse else out
 
 

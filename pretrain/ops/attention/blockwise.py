@@ -5,6 +5,11 @@ from global positions and slopes, and the backward pass recomputes each block fr
 (FlexAttention has no backward on CPU). Ring attention calls ``blockwise_forward`` / ``blockwise_backward``
 on each pair of chunks.
 
+With ``document_ids`` (int64 ``[B, >= last position + 1]`` over global positions) a query sees only keys of its own
+document: a key chunk that holds no key of the documents of its query rows (in any batch row) is skipped, one
+whose rows and keys all lie in one document (per batch row) is computed as without documents, and only the others
+are masked, entry by entry.
+
 Grouped-query attention (``k``, ``v`` with ``H_kv`` heads, each shared by ``G = H / H_kv`` query heads): the ``G``
 query heads of a group share one key matrix, so their rows of a block are folded into one ``[G x rows, D]`` operand
 of a single matrix product against the shared keys (and the same for the values, and for ``dk``/``dv``, which then
@@ -56,13 +61,15 @@ def _key_chunk(batch_heads: int, rows: int) -> int:
     return max(128, min(BLOCK_ELEMENTS // max(1, batch_heads * rows), HEAD_TILE_ELEMENTS // max(1, rows)))
 
 
-def _blocks(q_len, k_len, batch_heads, q_offset, k_offset, window):
+def _blocks(q_len, k_len, batch_heads, q_offset, k_offset, window, docs=None):
     """The blocks of the CPU kernel, as ``(qs, qe, chunks)`` for each block of queries that sees any key.
 
-    ``chunks`` lists ``(ks, ke, r0, r1, d0, masked)``: a key chunk, the rows ``qs + r0 .. qs + r1 - 1`` of the
-    query block that see any of its keys (the others are left out of the block, which keeps the diagonal
-    blocks small), the distance of the first of those rows to the first key, and whether the block still
-    hides any entry (only blocks that cross the diagonal or the window's edge do).
+    ``chunks`` lists ``(ks, ke, r0, r1, d0, masked, split)``: a key chunk, the rows ``qs + r0 .. qs + r1 - 1`` of
+    the query block that see any of its keys (the others are left out of the block, which keeps the diagonal
+    blocks small), the distance of the first of those rows to the first key, whether the block still hides any
+    entry (only blocks that cross the diagonal or the window's edge do), and whether documents cut it (``docs``:
+    the ``(query ids [B, Lq], key ids [B, Lk])`` of the local positions; a chunk none of whose keys shares a
+    document with its rows is left out).
     """
     blocks = []
     for qs in range(0, q_len, BLOCK_Q):
@@ -82,10 +89,43 @@ def _blocks(q_len, k_len, batch_heads, q_offset, k_offset, window):
                 continue
             first, last = q_first + r0, q_first + r1 - 1
             masked = k_last > first or (window is not None and last - k_first >= window)
-            chunks.append((ks, ke, r0, r1, first - k_first, masked))
+            split = False
+            if docs is not None:
+                seen, split = _document_overlap(docs, qs + r0, qs + r1, ks, ke)
+                if not seen:
+                    continue
+            chunks.append((ks, ke, r0, r1, first - k_first, masked, split))
         if chunks:
             blocks.append((qs, qe, chunks))
     return blocks
+
+
+def _document_overlap(docs, q0: int, q1: int, k0: int, k1: int) -> tuple[bool, bool]:
+    """``(any, split)`` for query rows ``q0 .. q1 - 1`` and keys ``k0 .. k1 - 1``: whether a row may share a document
+    with a key in some batch row (their id ranges overlap), and whether any batch row's rows and keys span more
+    than one document (the block then needs its entries masked)."""
+    q_ids, k_ids = docs
+    q_min, q_max = q_ids[:, q0:q1].min(axis=1), q_ids[:, q0:q1].max(axis=1)
+    k_min, k_max = k_ids[:, k0:k1].min(axis=1), k_ids[:, k0:k1].max(axis=1)
+    overlap = (q_min <= k_max) & (k_min <= q_max)
+    one = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+    return bool(overlap.any()), not bool(one.all())
+
+
+def _local_documents(document_ids, q_offset, q_len, k_offset, k_len, device):
+    """The ids of the local query and key positions: ``(numpy pair for the block plan, tensor pair for the masks)``,
+    or ``(None, None)`` without documents."""
+    if document_ids is None:
+        return None, None
+    q_ids = document_ids[:, q_offset : q_offset + q_len].to(device)
+    k_ids = document_ids[:, k_offset : k_offset + k_len].to(device)
+    return (q_ids.cpu().numpy(), k_ids.cpu().numpy()), (q_ids, k_ids)
+
+
+def _same_document(ids, qs, r0, r1, ks, ke):
+    """bool ``[B, 1, rows, keys]``: whether query row and key are of one document."""
+    q_ids, k_ids = ids
+    return torch.eq(q_ids[:, qs + r0 : qs + r1, None], k_ids[:, None, ks:ke]).unsqueeze(1)
 
 
 def _workspace(blocks, batch_heads, dim, count, device):
@@ -98,9 +138,9 @@ def _workspace(blocks, batch_heads, dim, count, device):
     minus key index) of the largest block.
     """
     chunks = [chunk for _, _, block_chunks in blocks for chunk in block_chunks]
-    rows = max((r1 - r0 for _, _, r0, r1, _, _ in chunks), default=0)
-    keys = max((ke - ks for ks, ke, _, _, _, _ in chunks), default=0)
-    size = max((batch_heads * (r1 - r0) * (ke - ks) for ks, ke, r0, r1, _, _ in chunks), default=0)
+    rows = max((chunk[3] - chunk[2] for chunk in chunks), default=0)
+    keys = max((chunk[1] - chunk[0] for chunk in chunks), default=0)
+    size = max((batch_heads * (chunk[3] - chunk[2]) * (chunk[1] - chunk[0]) for chunk in chunks), default=0)
     buffers = [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
     product = torch.empty(batch_heads * max(rows, keys) * dim, dtype=torch.float32, device=device)
     planes = torch.empty(3, rows * keys, dtype=torch.float32, device=device)
@@ -192,12 +232,13 @@ def _negated_slopes(slopes, batch, heads, device):
     return neg.expand(batch, heads, 1, 1).contiguous()
 
 
-def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scale=None):
+def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scale=None, document_ids=None):
     """Forward of the CPU fused kernel: ``(out [B,H,Lq,D] float32, lse [B,H,Lq] float32)``.
 
     Online softmax over key chunks (Milakov & Gimelshein 2018; FlashAttention): only one block of scores
     exists at a time. Fully hidden key chunks (causal or window) are skipped, and so are the rows of a block
-    that see none of its keys; only the blocks that cross the diagonal or the window's edge are masked.
+    that see none of its keys; only the blocks that cross the diagonal or the window's edge are masked (and, with
+    ``document_ids``, those that documents cut; chunks of other documents are skipped).
     """
     batch, heads, q_len, _ = q.shape
     bh = batch * heads
@@ -208,17 +249,22 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
     out = torch.zeros(bh, q_len, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((bh, q_len), float("-inf"), dtype=torch.float32, device=q.device)
     neg_slopes = _negated_slopes(slopes, batch, heads, q.device)
-    blocks = _blocks(q_len, k.shape[2], bh, q_offset, k_offset, window)
+    plan_ids, ids = _local_documents(document_ids, q_offset, q_len, k_offset, k.shape[2], q.device)
+    blocks = _blocks(q_len, k.shape[2], bh, q_offset, k_offset, window, plan_ids)
     (buffer,), product, planes, local = _workspace(blocks, bh, v.shape[-1], 1, q.device)
     for qs, qe, chunks in blocks:
         qb = q3[:, qs:qe] * scale
         row_max = torch.full((bh, qe - qs), float("-inf"), dtype=torch.float32, device=q.device)
         row_sum = torch.zeros(bh, qe - qs, dtype=torch.float32, device=q.device)
         acc = torch.zeros(bh, qe - qs, v.shape[-1], dtype=torch.float32, device=q.device)
-        for ks, ke, r0, r1, d0, masked in chunks:
+        for ks, ke, r0, r1, d0, masked, split in chunks:
             s4 = _block_view(buffer, batch, heads, r1 - r0, ke - ks)
             written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=True)
             s = _block_scores(s4, written, _fold(qb[:, r0:r1], group), k3[:, ks:ke])
+            other = None
+            if split:  # keys of another document: -inf before the row maximum, exactly 0 after the exp
+                other = ~_same_document(ids, qs, r0, r1, ks, ke)
+                s4.masked_fill_(other, float("-inf"))
             old_max = row_max[:, r0:r1]
             new_max = torch.maximum(old_max, s.amax(dim=-1))
             # A row that has seen no key yet has max -inf; a finite shift keeps its s - shift at -inf, not nan.
@@ -226,6 +272,8 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
             p = s.sub_(shift[..., None]).clamp_min_(EXP_FLOOR).exp_()
             if visible is not None:
                 p.mul_(visible)  # the clamp made hidden entries 1.6e-38; they contribute exactly 0
+            if other is not None:
+                s4.masked_fill_(other, 0.0)
             rescale = torch.exp(old_max - shift)
             row_sum[:, r0:r1].mul_(rescale).add_(p.sum(dim=-1))
             _accumulate(acc[:, r0:r1].mul_(rescale[..., None]), _fold(p, group), v3[:, ks:ke], product)
@@ -237,7 +285,9 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
     return out.view(batch, heads, q_len, v.shape[-1]), lse.view(batch, heads, q_len)
 
 
-def blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset=0, k_offset=0, window=None, scale=None, dlse=None):
+def blockwise_backward(
+    dout, q, k, v, out, lse, slopes, q_offset=0, k_offset=0, window=None, scale=None, dlse=None, document_ids=None
+):
     """Backward of the CPU fused kernel: ``(dq, dk, dv)`` in float32, recomputing each block's scores.
 
     ``p = exp(s - lse)``; ``ds = p * (dp - rowsum(dout * out) + dlse)``, where ``dlse`` is the gradient
@@ -256,7 +306,8 @@ def blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset=0, k_offset=0, 
     lse3 = lse.float().reshape(bh, q_len, 1)
     dlse3 = None if dlse is None else dlse.float().reshape(bh, q_len, 1)
     neg_slopes = _negated_slopes(slopes, batch, heads, q.device)
-    blocks = _blocks(q_len, k.shape[2], bh, q_offset, k_offset, window)
+    plan_ids, ids = _local_documents(document_ids, q_offset, q_len, k_offset, k.shape[2], q.device)
+    blocks = _blocks(q_len, k.shape[2], bh, q_offset, k_offset, window, plan_ids)
     (s_buffer, ds_buffer), product, planes, local = _workspace(blocks, bh, max(q.shape[-1], v.shape[-1]), 2, q.device)
     for qs, qe, chunks in blocks:
         qb = q3[:, qs:qe] * scale
@@ -267,7 +318,7 @@ def blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset=0, k_offset=0, 
             delta -= dlse3[:, qs:qe]
         # A contiguous accumulator of the block's dq: see _accumulate.
         dq_b = torch.zeros(bh, qe - qs, q3.shape[-1], dtype=torch.float32, device=q.device)
-        for ks, ke, r0, r1, d0, masked in chunks:
+        for ks, ke, r0, r1, d0, masked, split in chunks:
             kc, vc = k3[:, ks:ke], v3[:, ks:ke]
             s4 = _block_view(s_buffer, batch, heads, r1 - r0, ke - ks)
             written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=False)
@@ -278,6 +329,8 @@ def blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset=0, k_offset=0, 
             p = s.sub_(lse3[:, qs + r0 : qs + r1]).clamp_(EXP_FLOOR, EXP_CEIL).exp_()
             if visible is not None:
                 p.mul_(visible)  # hidden entries contribute exactly 0
+            if split:  # and so do keys of another document
+                s4.masked_fill_(~_same_document(ids, qs, r0, r1, ks, ke), 0.0)
             _accumulate(dv[:, ks:ke], _fold(p, group).transpose(1, 2), doc, product)
             ds = _block_view(ds_buffer, 1, bh, r1 - r0, ke - ks)[0]
             torch.bmm(doc, vc.transpose(1, 2), out=_fold(ds, group))
@@ -292,19 +345,21 @@ class BlockwiseAlibiAttention(torch.autograd.Function):
     """The CPU fused kernel under autograd: saves q, k, v, out and the log-sum-exp (O(L)), no scores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, slopes, q_offset, k_offset, window, scale):
-        out, lse = blockwise_forward(q, k, v, slopes, q_offset, k_offset, window, scale)
+    def forward(ctx, q, k, v, slopes, q_offset, k_offset, window, scale, document_ids=None):
+        out, lse = blockwise_forward(q, k, v, slopes, q_offset, k_offset, window, scale, document_ids)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, slopes)
+        ctx.save_for_backward(q, k, v, out, lse, slopes, document_ids)
         ctx.args = (q_offset, k_offset, window, scale)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, slopes = ctx.saved_tensors
+        q, k, v, out, lse, slopes, document_ids = ctx.saved_tensors
         q_offset, k_offset, window, scale = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = blockwise_backward(dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale, dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        dq, dk, dv = blockwise_backward(
+            dout, q, k, v, out, lse, slopes, q_offset, k_offset, window, scale, dlse, document_ids
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None

@@ -15,6 +15,11 @@ passkey prompts, ring blocks):
   O((L/128)^2) small integers, never an ``L x L`` tensor.
 - **No host-device sync per call.** Offset and window tensors are made once per value and device, and
   block masks are cached.
+
+With document ids (``document_mask_for``) the block mask is built per batch row from each block's smallest and
+largest id (still O(B (L/128)^2), never ``L x L``): a block whose queries and keys share no document is skipped,
+one inside a single document is ``full``, and ``mask_mod`` compares the ids of the others. The ids reach
+``mask_mod`` as a captured tensor, so new ids reuse the compiled kernel (one more kernel per grad mode and dtype).
 """
 
 from __future__ import annotations
@@ -94,6 +99,56 @@ def _as_kv_blocks(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[None, None], order[None, None]
 
 
+def _document_mask_mod(q_offset, k_offset, window, document_ids):
+    def mask_mod(b, h, q_idx, kv_idx):
+        distance = (q_idx + q_offset) - (kv_idx + k_offset)
+        same = document_ids[b, q_idx + q_offset] == document_ids[b, kv_idx + k_offset]
+        return (distance >= 0) & (distance < window) & same
+
+    return mask_mod
+
+
+def _block_ranges(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest id of each 128-position block of ``ids`` ``[B, L]``: ``[B, ceil(L / 128)]`` each."""
+    pad = -ids.shape[1] % BLOCK
+    if pad:  # the last block repeats its last id: it changes neither its minimum nor its maximum
+        ids = torch.cat([ids, ids[:, -1:].expand(-1, pad)], dim=1)
+    blocks = ids.view(ids.shape[0], -1, BLOCK)
+    return blocks.amin(dim=-1), blocks.amax(dim=-1)
+
+
+def document_block_classes(q_len, k_len, q_offset, k_offset, window, document_ids):
+    """``block_classes`` per batch row with documents: bool ``[B, nq, nk]`` each. A block is visible only if its
+    queries' and keys' id ranges overlap, and full only if all of them are of one document."""
+    device = document_ids.device
+    partial, full = block_classes(q_len, k_len, q_offset, k_offset, window, device)
+    q_min, q_max = _block_ranges(document_ids[:, q_offset : q_offset + q_len])
+    k_min, k_max = _block_ranges(document_ids[:, k_offset : k_offset + k_len])
+    overlap = (q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None])
+    one = (q_min == q_max)[:, :, None] & (k_min == k_max)[:, None, :] & (q_min[:, :, None] == k_min[:, None, :])
+    visible = (partial | full)[None] & overlap
+    full_docs = full[None] & one
+    return visible & ~full_docs, full_docs
+
+
+def document_block_mask(q_len, k_len, q_offset, k_offset, window, document_ids):
+    """FlexAttention block mask of causal (windowed) attention inside documents (not cached: the ids change)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full = document_block_classes(q_len, k_len, q_offset, k_offset, window, document_ids)
+    counts = partial.sum(dim=-1, dtype=torch.int32)[:, None]
+    order = torch.argsort((~partial).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None]
+    full_counts = full.sum(dim=-1, dtype=torch.int32)[:, None]
+    full_order = torch.argsort((~full).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None]
+    dev = str(document_ids.device)
+    mask_mod = _document_mask_mod(
+        _scalar(q_offset, dev), _scalar(k_offset, dev), _scalar(window or NO_WINDOW, dev), document_ids
+    )
+    return BlockMask.from_kv_blocks(
+        counts, order, full_counts, full_order, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
+    )
+
+
 _block_masks: OrderedDict = OrderedDict()
 
 
@@ -160,18 +215,23 @@ def compiled_flex_attention(dynamic: bool | None = None):
 
 
 def flex_alibi_attention(
-    q, k, v, slopes, q_offset=0, k_offset=0, window=None, scale=None, compiled=True, return_lse=True
+    q, k, v, slopes, q_offset=0, k_offset=0, window=None, scale=None, compiled=True, return_lse=True, document_ids=None
 ):
     """``(out [B, H, Lq, D], lse [B, H, Lq] float32 or None)`` through FlexAttention; compiled unless
     ``compiled=False`` (eager flex_attention builds the dense score matrix: for tests of the masks only).
 
-    ``return_lse=False`` skips the log-sum-exp: torch's compiled CPU kernel cannot return it.
+    ``return_lse=False`` skips the log-sum-exp: torch's compiled CPU kernel cannot return it. ``document_ids``:
+    int64 ``[B, N]`` over global positions; a query sees only keys of its own document.
     """
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     device = q.device
     dev = str(device)
-    block_mask = alibi_block_mask(q.shape[2], k.shape[2], q_offset, k_offset, window, device)
+    if document_ids is None:
+        block_mask = alibi_block_mask(q.shape[2], k.shape[2], q_offset, k_offset, window, device)
+    else:
+        ids = document_ids.to(device)
+        block_mask = document_block_mask(q.shape[2], k.shape[2], q_offset, k_offset, window, ids)
     slopes_dev = None if slopes is None else slopes.to(device=device, dtype=torch.float32)
     score_mod = alibi_score_mod(slopes_dev, _scalar(q_offset, dev), _scalar(k_offset, dev))
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale)
@@ -188,7 +248,10 @@ def flex_alibi_attention(
     # graph instead failed to lower on CPU (torch 2.13).
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
-            result = compiled_flex_attention()(q, k, v, **kwargs)
+            # torch 2.13's CPU template fails to build the dynamic-shape kernel of a document mask_mod (g++:
+            # "'cur_kvSplitSize7' was not declared"); on CPU (inference only) those compile static, one per shape.
+            static = document_ids is not None and not q.is_cuda
+            result = compiled_flex_attention(False if static else None)(q, k, v, **kwargs)
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise FlexRecompileError(
             f"FlexAttention was compiled {RECOMPILE_LIMIT} times in this process (flex.KERNEL_BOUND; now for "

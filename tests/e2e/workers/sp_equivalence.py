@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--pos-encoding", default="alibi")
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--n-kv-head", type=int, default=None)
+    parser.add_argument("--documents", action="store_true", help="a packed window: attention inside documents only")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -38,14 +39,23 @@ def main() -> None:
     model = GPT(cfg)
     tokens = torch.randint(0, 97, (2, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    docs = {}
+    if args.documents:
+        # Row 0: a one-token document, then documents that cross the shard and ring-block boundaries; row 1: one
+        # document longer than the window.
+        lengths = [1, 9, 15, 3, args.seq_len - 28]
+        row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        docs["document_ids"] = torch.stack([row, torch.zeros_like(row)])
 
-    reference = model(inputs, targets, window=args.window)
+    reference = model(inputs, targets, window=args.window, **docs)
     reference.backward()
     want = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
 
     layout = apply_sequence_parallel(model, group, args.mode, args.seq_len, args.zigzag)
-    local = model(layout.shard(inputs), layout.shard(targets), positions=layout.positions(), window=args.window)
+    local = model(
+        layout.shard(inputs), layout.shard(targets), positions=layout.positions(), window=args.window, **docs
+    )  # the ids of the whole window: global positions
     # Every rank holds the same number of tokens: the mean of the local means is the sequence's mean.
     (local / layout.sp_size).backward()
     loss = local.detach().clone()
