@@ -74,7 +74,7 @@ def plan_harness(cfg: Config) -> None:
     compare_paths(cfg)
     if not h.tasks:
         return
-    hf_model_class()
+    optional_import("lm_eval", NEEDED_FOR)  # light: its models load later (hf_model_class)
     if h.include_path is not None and not Path(h.include_path).expanduser().is_dir():
         raise PipelineError(
             f"harness.include_path={h.include_path!r} is not a folder; give a folder of lm-eval task YAMLs"
@@ -85,6 +85,7 @@ def plan_harness(cfg: Config) -> None:
             raise ConfigError(f"harness.tasks scores the export, which this model cannot have: {reason}")
     else:
         export_to_make(cfg)
+    hf_model_class()
     check_task_names(task_manager(h, h.tasks), h.tasks, h.include_path)
 
 
