@@ -35,6 +35,7 @@ STAGES = ("all", "prepare", "train", "eval", "export", "generate", "harness")
 # times as the inputs get shorter).
 HARNESS_AUTO_BATCH = re.compile(r"auto(:[1-9][0-9]*)?")
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+EXPORT_FORMATS = ("auto", "bloom", "mpt", "falcon")
 # eval.windows: cut from the concatenated validation stream, or only inside one validation document.
 EVAL_WINDOWS = ("stream", "documents")
 # The train.* keys that shape the optimization a checkpoint continues: on resume they must equal the checkpoint's
@@ -641,14 +642,17 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    """``stage=export``: a Hugging Face ``BloomForCausalLM`` directory ``<run_dir>/hf/`` (``docs/export.md``)."""
+    """``stage=export``: a Hugging Face model directory ``<run_dir>/hf/`` (``docs/export.md``)."""
 
     # Weights to export instead of the run's final ones: anything eval.checkpoint accepts.
     checkpoint: Optional[str] = None
     dtype: str = "fp32"
+    # The transformers class: auto (the one that represents the model), bloom, mpt or falcon (model/hf_formats.py).
+    format: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("export.dtype", self.dtype, EXPORT_DTYPES)
+        check_choice("export.format", self.format, EXPORT_FORMATS)
         if self.checkpoint is not None and not str(self.checkpoint).strip():
             raise ConfigError("export.checkpoint holds an empty path; give a run directory or a checkpoint")
 

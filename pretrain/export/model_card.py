@@ -20,22 +20,28 @@ def model_card(
     results: dict | None,
     results_match: bool,
     plot_name: str | None,
+    architecture: str = "BloomForCausalLM",
+    fidelity: list[dict] | None = None,
+    fidelity_note: str | None = None,
 ) -> str:
     """Markdown with a YAML header. ``training``: steps, tokens, losses from ``train/metrics.jsonl`` and
     ``val.jsonl``; ``data``: the prepared corpus's summary; ``results``: ``eval/results.json``;
-    ``results_match``: whether that eval scored the exported weights; ``plot_name``: the copied plot."""
+    ``results_match``: whether that eval scored the exported weights; ``plot_name``: the copied plot;
+    ``architecture``: the transformers class; ``fidelity``: ``export.fidelity.measure``'s rows for a class that
+    does not compute the model exactly, with ``fidelity_note`` saying why."""
+    family = architecture.removesuffix("ForCausalLM")
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags: [bloom, alibi, causal-lm, pretrain]",
+        f"tags: [{family.lower()}, alibi, causal-lm, pretrain]",
         "---",
         "",
-        f"# ALiBi GPT ({parameters / 1e6:.2f}M parameters), BLOOM layout",
+        f"# ALiBi GPT ({parameters / 1e6:.2f}M parameters), {family.upper() if family == 'Mpt' else family} layout",
         "",
         f"A causal language model trained with the `pretrain` pipeline at {model_cfg.seq_len} tokens per sequence, "
         "with ALiBi attention biases (Press et al., 2022: no position embeddings, so it reads inputs longer than "
-        "it was trained on). Exported as `BloomForCausalLM`: `transformers` loads it with no custom code.",
+        f"it was trained on). Exported as `{architecture}`: `transformers` loads it with no custom code.",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -56,12 +62,34 @@ def model_card(
         f"| layers | {model_cfg.n_layer} |",
         f"| width (d_model) | {model_cfg.d_model} |",
         f"| heads | {model_cfg.n_head} |",
+        f"| key/value heads | {model_cfg.n_kv_head} |",
+        f"| MLP | {model_cfg.mlp}, {model_cfg.mlp_width} wide |",
+        f"| norm | {model_cfg.norm}{'' if model_cfg.bias else ', no linear biases'} |",
         f"| vocabulary | {model_cfg.vocab_size} |",
         f"| training length | {model_cfg.seq_len} tokens |",
-        "| position encoding | ALiBi (per-head slopes, BLOOM's rule) |",
+        "| position encoding | ALiBi (per-head slopes, BLOOM's rule"
+        + (", divided by sqrt(head_dim) as Falcon applies them" if model_cfg.alibi_slopes == "falcon" else "")
+        + ") |",
         f"| weights | {dtype} |",
         f"| exported from | `{source}` |",
         "",
+    ]
+    if fidelity:
+        lines += [
+            "## How closely the transformers class computes this model",
+            "",
+            f"{fidelity_note or ''}. Measured at export on validation tokens, float32:",
+            "",
+            "| tokens | max abs logit difference | same top-1 token | loss (ours) | loss (transformers) | ppl difference |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['tokens']} | {r['max_abs_logit_diff']:.2e} | {100 * r['top1_agreement']:.2f}% | {r['loss']:.4f} | "
+            f"{r['loss_hf']:.4f} | {100 * r['ppl_rel_diff']:+.3f}% |"
+            for r in fidelity
+        ]
+        lines.append("")
+    lines += [
         "## Training",
         "",
     ]

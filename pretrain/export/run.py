@@ -1,8 +1,8 @@
-"""The export stage: ``<run_dir>/hf/``, a ``BloomForCausalLM`` directory that ``transformers`` loads with no custom
-code (``docs/export.md``).
+"""The export stage: ``<run_dir>/hf/``, a ``BloomForCausalLM``, ``MptForCausalLM`` or ``FalconForCausalLM`` directory
+(``export.format``; ``pretrain.model.hf_formats``) that ``transformers`` loads with no custom code (``docs/export.md``).
 
 ``plan_export`` finds the weights (the run's final ones, or anything ``eval.checkpoint`` accepts, through
-``export.checkpoint``) and the tokenizer, and refuses what BLOOM or the tokenizer conversion cannot represent:
+``export.checkpoint``) and the tokenizer, and refuses what no format or the tokenizer conversion cannot represent:
 all before any work (``pipeline.check_before_work`` calls it). ``run_export`` writes the directory on rank 0 (the
 other ranks wait) under a temporary name next to it and renames it into place once complete, so a crash never
 leaves a half-written ``hf/`` and an older export is replaced only by a complete new one. The converted
@@ -27,7 +27,9 @@ from pretrain.errors import ConfigError, PipelineError
 from pretrain.eval.sources import ModelSource, checkpoint_source, source_model_config
 from pretrain.export.model_card import model_card
 from pretrain.export.tokenizer import build_tokenizer, check_convertible, check_same_encoding, tokenizer_files
-from pretrain.model.bloom import bloom_config, check_bloom_compatible, to_bloom_state_dict
+from pretrain.export.fidelity import measure
+from pretrain.model.falcon import ROUNDING_NOTE
+from pretrain.model.hf_formats import HfFormat, choose_format
 from pretrain.parallel.distributed import DistContext, run_on_main
 from pretrain.run_files import RunFiles, file_sha256
 from pretrain.train.checkpoint import complete_tags
@@ -57,6 +59,7 @@ class ExportPlan:
     source: ModelSource
     model_cfg: ModelConfig
     tokenizer: Path
+    fmt: HfFormat
 
 
 def hf_dir(run_dir: str | Path) -> Path:
@@ -112,22 +115,23 @@ def check_trained_tokenizer(source: ModelSource, tokenizer: Path) -> None:
 
 
 def plan_export(cfg: Config) -> ExportPlan:
-    """What to export; raises ConfigError (a model BLOOM cannot represent) or PipelineError (missing weights or
-    tokenizer, a tokenizer that does not convert, a vocabulary mismatch) before any work."""
+    """What to export; raises ConfigError (a model no transformers class, or not ``export.format``'s, represents) or
+    PipelineError (missing weights or tokenizer, a tokenizer that does not convert, a vocabulary mismatch) before any
+    work."""
     source = export_source(cfg)
     model_cfg = source_model_config(source)
-    check_bloom_compatible(model_cfg)
+    fmt = choose_format(model_cfg, cfg.export.format)
     tokenizer = find_tokenizer(cfg, source)
     check_trained_tokenizer(source, tokenizer)
     check_convertible(tokenizer.read_bytes(), str(tokenizer))
-    return ExportPlan(source, model_cfg, tokenizer)
+    return ExportPlan(source, model_cfg, tokenizer, fmt)
 
 
 def export_refusal(cfg: Config) -> str | None:
     """Why ``stage=all`` will not be able to export this config's model (None when it will): the model settings
-    BLOOM cannot represent, or a tokenizer type that does not convert exactly."""
+    no transformers class (or not ``export.format``'s) represents, or a tokenizer type that does not convert exactly."""
     try:
-        check_bloom_compatible(cfg.model)
+        choose_format(cfg.model, cfg.export.format)
     except ConfigError as err:
         return str(err)
     if cfg.data.tokenizer is None and cfg.data.tokenizer_type != "bpe":
@@ -245,13 +249,26 @@ def _write(cfg: Config, plan: ExportPlan, out: Path, say) -> None:
         (out / name).write_text(text, encoding="utf-8")
 
     torch_dtype = getattr(torch, dtype_name)
+    fmt = plan.fmt
     tensors = {
         name: (t.to(torch_dtype) if t.is_floating_point() else t).contiguous()
-        for name, t in to_bloom_state_dict(state).items()
+        for name, t in fmt.state_dict(state, model_cfg).items()
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     token_ids = {f"{name}_token_id": i for name, i in _special_ids(sp).items() if name != "unk"}
-    (out / "config.json").write_text(json.dumps(bloom_config(model_cfg, token_ids, dtype_name), indent=2) + "\n")
+    config_dict = fmt.config(model_cfg, token_ids, dtype_name)
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    say(f"[export] as {fmt.architecture}")
+    fidelity = None
+    if not fmt.exact:
+        say(f"[export] warning: {ROUNDING_NOTE}; measuring it on validation tokens (in the model card)")
+        fidelity = measure(model_cfg, state, fmt, config_dict, tensors, _validation_tokens(cfg, model_bytes))
+        for row in fidelity:
+            say(
+                f"[export] {fmt.architecture} vs this model at {row['tokens']} tokens: max |logit difference| "
+                f"{row['max_abs_logit_diff']:.2e}, same top-1 token {100 * row['top1_agreement']:.2f}%, "
+                f"perplexity {100 * row['ppl_rel_diff']:+.3f}%"
+            )
     generation = {**token_ids, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
@@ -278,8 +295,27 @@ def _write(cfg: Config, plan: ExportPlan, out: Path, say) -> None:
         results=results,
         results_match=_same_weights(results, plan.source),
         plot_name=plot,
+        architecture=fmt.architecture,
+        fidelity=fidelity,
+        fidelity_note=None if fidelity is None else ROUNDING_NOTE[0].upper() + ROUNDING_NOTE[1:],
     )
     (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def _validation_tokens(cfg: Config, model_bytes: bytes):
+    """The first validation documents of the prepared corpus, joined (a 1-D int64 tensor), or None without one."""
+    import torch
+
+    corpus = _prepared_corpus(cfg, model_bytes)
+    if corpus is None:
+        return None
+    pieces, count = [], 0
+    for doc in corpus.val_documents():
+        pieces.append(torch.as_tensor(doc.astype("int64")))
+        count += len(doc)
+        if count >= 64 * 1024:
+            break
+    return torch.cat(pieces) if pieces else None
 
 
 def _special_ids(sp) -> dict[str, int]:

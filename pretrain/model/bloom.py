@@ -7,7 +7,9 @@ represent is refused by ``check_bloom_compatible`` with one line naming the sett
 - ``model.pos_encoding`` other than ``alibi`` (BLOOM has no position table or rotation);
 - ``model.bias=false`` (every BLOOM Linear and LayerNorm has a bias);
 - ``model.embedding_layernorm=false`` (BLOOM always normalises the word embeddings);
-- ``model.mlp_ratio`` other than 4 (BLOOM's MLP is always 4 x hidden_size).
+- ``model.mlp_ratio`` other than 4 (BLOOM's MLP is always 4 x hidden_size);
+- ``model.mlp`` other than ``gelu_tanh``, ``model.norm=layernorm_nobias``, ``model.n_kv_head`` other than ``n_head``,
+  ``model.alibi_slopes=falcon`` (``pretrain.model.hf_formats`` then looks for MPT or Falcon).
 
 Head counts: BLOOM's slope rule (``_get_alibi_slopes``) is ours for every head count (the paper's rule:
 the nearest lower power of two, then every other slope of the next one); it raises a float32 base to integer powers in
@@ -62,6 +64,14 @@ def check_bloom_compatible(model_cfg: ModelConfig) -> None:
         reason = "model.embedding_layernorm=false (BLOOM always normalises the word embeddings)"
     elif model_cfg.mlp_ratio != BLOOM_MLP_RATIO:
         reason = f"model.mlp_ratio={model_cfg.mlp_ratio} (BLOOM's MLP is always {BLOOM_MLP_RATIO} x d_model)"
+    elif model_cfg.mlp != "gelu_tanh":
+        reason = f"model.mlp={model_cfg.mlp} (BLOOM's MLP is the tanh-approximated GELU)"
+    elif model_cfg.norm != "layernorm":
+        reason = f"model.norm={model_cfg.norm} (every BLOOM LayerNorm has a bias)"
+    elif model_cfg.n_kv_head != model_cfg.n_head:
+        reason = f"model.n_kv_head={model_cfg.n_kv_head} (BLOOM has one key/value head per query head)"
+    elif model_cfg.alibi_slopes != "paper":
+        reason = f"model.alibi_slopes={model_cfg.alibi_slopes} (BLOOM uses the paper's slopes)"
     else:
         ours = alibi_slopes(model_cfg.n_head).double()
         theirs = torch.tensor(_bloom_slopes(model_cfg.n_head), dtype=torch.float64)
@@ -69,6 +79,17 @@ def check_bloom_compatible(model_cfg: ModelConfig) -> None:
             reason = f"model.n_head={model_cfg.n_head} (BLOOM computes other ALiBi slopes for this head count)"
     if reason is not None:
         raise ConfigError(f"a Hugging Face BLOOM export cannot represent {reason}; the model cannot be exported")
+
+
+def bloom_refusal(model_cfg: ModelConfig) -> str | None:
+    """Why ``BloomForCausalLM`` cannot represent this model (the setting, in a few words), or None."""
+    try:
+        check_bloom_compatible(model_cfg)
+    except ConfigError as err:
+        return str(err).removeprefix("a Hugging Face BLOOM export cannot represent ").removesuffix(
+            "; the model cannot be exported"
+        )
+    return None
 
 
 def bloom_config(model_cfg: ModelConfig, token_ids: dict[str, int] | None = None, dtype: str = "float32") -> dict:

@@ -1,0 +1,65 @@
+"""How closely the exported transformers class computes our model: logits at 1x and 8x the training length.
+
+For an exact format (BLOOM, MPT) the tests hold the difference to float32 rounding; a format whose class rounds
+(Falcon's bfloat16 ALiBi bias) is measured at every export on validation tokens, and the numbers go into the model
+card: the largest logit difference, how often the most likely next token agrees, and the loss each gives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.model.hf_formats import HfFormat
+
+MULTIPLES = (1, 8)
+
+
+def hf_model(fmt: HfFormat, config_dict: dict, tensors: dict):
+    """The transformers model of an export, built in this process from its ``config.json`` and tensors (float32)."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "architectures"})
+    config.dtype = torch.float32
+    model = getattr(transformers, fmt.architecture)(config)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def compare_logits(ours, theirs, ids: torch.Tensor) -> dict:
+    """Our model's and the class's logits on ``ids`` ``[1, L]``: max |difference|, top-1 agreement, and the loss of
+    each on the next tokens."""
+    a, b = ours(ids).float(), theirs(ids).logits.float()
+    targets = ids[0, 1:]
+    loss = [torch.nn.functional.cross_entropy(x[0, :-1], targets).item() for x in (a, b)]
+    return {
+        "tokens": ids.shape[1],
+        "max_abs_logit_diff": (a - b).abs().max().item(),
+        "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        "loss": loss[0],
+        "loss_hf": loss[1],
+        "ppl_rel_diff": math.exp(loss[1] - loss[0]) - 1.0,
+    }
+
+
+def measure(model_cfg: ModelConfig, state: dict, fmt: HfFormat, config_dict: dict, tensors: dict, tokens) -> list[dict]:
+    """``compare_logits`` at each of ``MULTIPLES`` x the training length, on ``tokens`` (a 1-D id tensor, as long as
+    the longest; random ids when None), one row per length."""
+    from pretrain.model.gpt import GPT
+
+    ours = GPT(model_cfg)
+    ours.load_state_dict({k: v.float() for k, v in state.items()})
+    ours.eval()
+    theirs = hf_model(fmt, config_dict, tensors)
+    longest = max(MULTIPLES) * model_cfg.seq_len
+    if tokens is None or len(tokens) < longest:
+        tokens = torch.randint(0, model_cfg.vocab_size, (longest,), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for multiple in MULTIPLES:
+        ids = torch.as_tensor(tokens[: multiple * model_cfg.seq_len], dtype=torch.int64)[None]
+        rows.append({"multiple": multiple, **compare_logits(ours, theirs, ids)})
+    return rows
