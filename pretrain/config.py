@@ -486,6 +486,9 @@ class TrainConfig:
     # Attention stays inside each document of a packed window (never across </s>). Off by default: the ALiBi paper
     # and GPT-2 train on the plain stream, and the default run stays that run (docs/eval.md).
     document_mask: bool = False
+    # [[STEP, LENGTH], ...]: train at LENGTH from after STEP optimizer steps on (first STEP 0, lengths rising), with the
+    # tokens per step of model.seq_len (pretrain/train/length_schedule.py). null: model.seq_len throughout.
+    seq_len_schedule: Optional[list[Any]] = None
     # Record steps START..END (inclusive) with the PyTorch profiler: <run_dir>/train/profile/ (Chrome/Perfetto JSON).
     profile: Optional[list[int]] = None
     # A metrics row (and the host reads of the loss and gradient norm) every N steps, and at every eval/checkpoint.
@@ -531,6 +534,7 @@ class TrainConfig:
             )
         if self.init_from is not None and not str(self.init_from).strip():
             raise ConfigError("train.init_from holds an empty path; give a run directory, checkpoint or hf/ export")
+        check_schedule_shape(self.seq_len_schedule)
         check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice("train.precision", self.precision, PRECISIONS)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -788,6 +792,54 @@ class Config:
         check_choice("stage", self.stage, STAGES)
         if self.plan_world_size is not None:
             check_positive("plan_world_size", self.plan_world_size)
+        check_schedule_fits(self)
+
+
+def check_schedule_shape(schedule) -> None:
+    """ConfigError unless ``train.seq_len_schedule`` is ``[[0, L0], [S1, L1], ...]`` with rising steps and lengths."""
+    if schedule is None:
+        return
+    example = "e.g. train.seq_len_schedule=[[0,1024],[1000,2048]]"
+    pairs = list(schedule)
+    if not pairs or not all(
+        len(pair) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in pair) for pair in pairs
+    ):
+        raise ConfigError(f"train.seq_len_schedule={schedule!r} is not a list of [STEP, LENGTH] pairs ({example})")
+    steps, lengths = [p[0] for p in pairs], [p[1] for p in pairs]
+    if steps[0] != 0:
+        raise ConfigError(f"train.seq_len_schedule starts at step {steps[0]}; its first STEP must be 0 ({example})")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ConfigError(f"train.seq_len_schedule has steps {steps}; they must rise ({example})")
+    if min(lengths) < 1:
+        raise ConfigError(f"train.seq_len_schedule has lengths {lengths}; each must be >= 1")
+    if any(b <= a for a, b in zip(lengths, lengths[1:])):
+        raise ConfigError(
+            f"train.seq_len_schedule has lengths {lengths}: they must rise (short windows first, as BTLM's 2k -> 8k); "
+            f"{example}"
+        )
+
+
+def check_schedule_fits(cfg: Config) -> None:
+    """ConfigError when a length of ``train.seq_len_schedule`` cannot hold a micro-batch's tokens (``micro_batch_size
+    x model.seq_len``, constant) in whole sequences, or a learned position table cannot reach the longest one."""
+    schedule = cfg.train.seq_len_schedule
+    if not schedule:
+        return
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_len
+    for _, length in schedule:
+        if tokens % length:
+            raise ConfigError(
+                f"train.seq_len_schedule holds length {length}, which does not divide the {tokens} tokens of a "
+                f"micro-batch (train.micro_batch_size={cfg.train.micro_batch_size} x model.seq_len="
+                f"{cfg.model.seq_len}, kept constant): use lengths that divide it"
+            )
+    longest = max(length for _, length in schedule)
+    rows = (cfg.model.max_positions or cfg.model.seq_len) if cfg.model.pos_encoding == "learned" else None
+    if rows is not None and longest > rows:
+        raise ConfigError(
+            f"train.seq_len_schedule reaches length {longest}, but model.pos_encoding=learned has {rows} position "
+            "rows (model.max_positions); raise model.max_positions or shorten the schedule"
+        )
 
 
 GROUPS = {

@@ -35,7 +35,6 @@ def training_extrapolation(cfg: Config, ctx: DistContext, corpus) -> Callable[[t
     lengths = extrapolation_lengths(cfg)
     if not lengths:
         return None
-    seq_len = cfg.model.seq_len
     ecfg = replace(
         cfg.eval,
         lengths=lengths,
@@ -50,13 +49,17 @@ def training_extrapolation(cfg: Config, ctx: DistContext, corpus) -> Callable[[t
     split: EvalSplit | None = None
 
     def score(model: torch.nn.Module, model_cfg: ModelConfig) -> dict:
+        """The lengths are multiples of ``model_cfg.seq_len``: the length now trained (``train.seq_len_schedule``)."""
         nonlocal split
+        seq_len = model_cfg.seq_len
+        lengths = [k * seq_len for k in cfg.train.eval_lengths]
         if split is None:  # the process groups, made once by every rank at the same step
             split = make_split(cfg.parallel, ctx)
         training = model.training
         model.eval()
         try:
-            results, _, _ = evaluate_model(model, model_cfg, tokens, ecfg, lengths, ctx, lambda message: None, split)
+            at = replace(ecfg, lengths=lengths)
+            results, _, _ = evaluate_model(model, model_cfg, tokens, at, lengths, ctx, lambda message: None, split)
         finally:
             model.train(training)
         metrics = {"extrapolation_s": round(sum(entry["seconds"] for entry in results), 3)}

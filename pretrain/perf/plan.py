@@ -177,6 +177,30 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None, devic
     checkpointing = t.activation_checkpointing
     memory["activations"] = activation_bytes(model, tokens_per_rank, t.precision, checkpointing, device)
     memory["activations_other_mode"] = activation_bytes(model, tokens_per_rank, t.precision, not checkpointing, device)
+    schedule_notes = ()
+    if t.seq_len_schedule:
+        # Every length of the schedule holds the same tokens per micro-batch: the peak is the largest length's.
+        by_length = {
+            length: activation_bytes(
+                replace(model, seq_len=length), tokens_per_rank, t.precision, checkpointing, device
+            )
+            for _, length in t.seq_len_schedule
+        }
+        peak_length = max(by_length, key=lambda length: (by_length[length], length))
+        memory["activations"] = by_length[peak_length]
+        memory["activations_other_mode"] = max(
+            activation_bytes(replace(model, seq_len=length), tokens_per_rank, t.precision, not checkpointing, device)
+            for length in by_length
+        )
+        schedule_notes = (
+            "train.seq_len_schedule: "
+            + ", ".join(
+                f"{length} from step {start + 1} ({t.micro_batch_size * model.seq_len // length} a micro-batch, "
+                f"activations {_size(by_length[length])})"
+                for start, length in t.seq_len_schedule
+            )
+            + f"; memory below is the peak over the schedule (at {peak_length})",
+        )
     zero = deepspeed_config(t, dp, sp, n)["zero_optimization"]
     bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET_ELEMENTS) if t.zero_stage else DEEPSPEED_BUCKET_ELEMENTS
     memory.update(communication_bytes(n, t.precision, t.zero_stage, dp * sp, int(bucket)))
@@ -198,7 +222,7 @@ def make_plan(cfg: Config, world_size: int, vocab_size: int | None = None, devic
         n_head=model.n_head,
         n_kv_head=model.n_kv_head,
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(model),
-        notes=_split_notes(cfg, model),
+        notes=_split_notes(cfg, model) + schedule_notes,
     )
 
 

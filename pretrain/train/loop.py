@@ -38,6 +38,7 @@ from pretrain.run_files import RunFiles, file_sha256
 from pretrain.train.activation_checkpointing import apply_activation_checkpointing
 from pretrain.train.checkpoint import CheckpointManager
 from pretrain.train.guard import DivergenceGuard
+from pretrain.train.length_schedule import LengthSchedule, ScheduledLoader, schedule_lengths
 from pretrain.train.monitor import Monitor
 from pretrain.train.optim import build_optimizer
 from pretrain.train.profile import StepProfiler
@@ -189,6 +190,10 @@ def validation_loss(
 def check_training_split(cfg: Config, world_size: int) -> None:
     """Raise ConfigError when ``parallel.*`` cannot split the training sequences over ``world_size`` ranks."""
     heads = {"the model": cfg.model.n_head}
+    if cfg.train.seq_len_schedule:  # every length the schedule trains at
+        where = "train.seq_len_schedule holds length "
+        check_split(cfg.parallel, world_size, schedule_lengths(cfg), heads, where, "sequence", "or another sp_size")
+        return
     check_split(
         cfg.parallel, world_size, [cfg.model.seq_len], heads, "model.seq_len=", "sequence", "or another sp_size"
     )
@@ -241,6 +246,14 @@ def run_train(
         dp_rank=groups.dp_rank,
         dp_size=dp_size,
     )
+    schedule = LengthSchedule(tcfg.seq_len_schedule, model_cfg.seq_len, tcfg.micro_batch_size)
+    if schedule.active:  # one loader per length, switched at the schedule's steps (length_schedule.py)
+        loader = ScheduledLoader(
+            schedule,
+            lambda length, micro_batch: train_loader(
+                corpus, length, micro_batch, seed=tcfg.seed, dp_rank=groups.dp_rank, dp_size=dp_size
+            ),
+        )
     # Verified against the checksums saved with it (train.resume=auto falls back past a corrupt one), and checked
     # against this config and corpus, before anything is loaded or written.
     found = checkpoints.find_verified(tcfg.resume)
@@ -298,6 +311,19 @@ def run_train(
     validation = ValidationSplits(
         corpus, model_cfg.seq_len, tcfg.micro_batch_size, tcfg.eval_batches, groups.dp_rank, dp_size
     )
+    seq_len = model_cfg.seq_len
+
+    def use_length(phase: int):
+        """Train (and validate, and split sequences) at the schedule's length of ``phase`` from the next step on."""
+        nonlocal seq_len, layout, validation
+        seq_len, micro_batch = schedule.length(phase), schedule.micro_batch(phase)
+        if groups.sp_size > 1:
+            layout = apply_sequence_parallel(model, groups.sp_group, pcfg.sp_mode, seq_len, pcfg.zigzag)
+        validation = ValidationSplits(corpus, seq_len, micro_batch, tcfg.eval_batches, groups.dp_rank, dp_size)
+
+    if schedule.active:
+        loader.set_step(start_step)
+        use_length(loader.phase)
     tokens_per_step = global_batch(tcfg, dp_size) * model_cfg.seq_len
     per_token = flops_per_token(model_cfg, n_params)
     peak = peak_flops(tcfg.precision, tcfg.peak_flops)
@@ -313,6 +339,15 @@ def run_train(
         + (f"\nresumed from {found[0] / found[1]} at step {start_step}" if found else "")
         + "".join(f"\nchanged on resume: {change}" for change in overrides)
         + (f"\n{init_note}" if init_note else "")
+        + (
+            "\nsequence lengths: "
+            + ", ".join(
+                f"{length} from step {start + 1} ({schedule.micro_batch(i)} a micro-batch)"
+                for i, (start, length) in enumerate(schedule.phases)
+            )  # fmt: skip
+            if schedule.active
+            else ""
+        )
     )
     if peak is None and ctx.device.type == "cuda":
         monitor.write(
@@ -336,6 +371,9 @@ def run_train(
     try:
         while step < tcfg.max_steps:
             profiler.before_step(step + 1)
+            if schedule.active and loader.set_step(step):
+                use_length(loader.phase)
+                monitor.write(f"step {step + 1}: sequence length {seq_len} (train.seq_len_schedule)")
             loss_sum = torch.zeros((), device=ctx.device)  # on the device: no host sync per micro-batch
             norm = None
             for _ in range(tcfg.grad_accum):
@@ -386,6 +424,7 @@ def run_train(
                     "step_time_s": elapsed,
                     "mfu": mfu(tokens_per_s / ctx.world_size, per_token, peak),
                     "peak_memory_mib": memory.peak_extra_bytes() / MIB,
+                    "seq_len": seq_len,
                     **flags,
                 },
             )
@@ -397,7 +436,9 @@ def run_train(
                 val_loss, by_source = validation.losses(
                     lambda batches: validation_loss(engine, batches, ctx, layout, tcfg.document_mask)
                 )
-                longer = extrapolation(engine.module, model_cfg) if extrapolation is not None else {}
+                # Measured relative to the length now trained (train.seq_len_schedule).
+                current = replace(model_cfg, seq_len=seq_len)
+                longer = extrapolation(engine.module, current) if extrapolation is not None else {}
                 monitor.log_eval(step, val_loss, {**by_source, **longer})
             stopping = step < tcfg.max_steps and stopper.check(step)
             if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopping:

@@ -23,7 +23,8 @@ from pretrain.train.optim import lr_multiplier
 MODEL_FREE = ("attention", "dropout", "init_std")
 # DeepSpeed's optimizer state differs by precision (an fp16 loss scaler, bf16 master weights): a checkpoint cannot
 # be loaded under another one, so a precision change is never offered as an override.
-TRAIN_FIXED = ("train.seed", "train.zero_stage", "train.precision")
+# The length schedule: the loader's position is one of its phases' (a new schedule is a new run, train.init_from).
+TRAIN_FIXED = ("train.seed", "train.zero_stage", "train.precision", "train.seq_len_schedule")
 
 
 # Compared as the global batch they make with the data-parallel ranks: 2 ranks -> 1 rank with grad_accum doubled is
