@@ -36,6 +36,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "pretrain.bench.generate",
         "decoding tokens/s with the KV cache against re-running the full prefix and transformers' generate",
     ),
+    "architectures": (
+        "pretrain.bench.architectures",
+        "grouped-query attention's training step, decoding and KV cache by n_kv_head; each export class's greedy tokens",
+    ),
     "train_short_test_long": (
         "pretrain.bench.train_short_test_long",
         "the ALiBi paper's claim from finished runs (launch/train_short_test_long.sh): table, plot and answer",

@@ -102,10 +102,10 @@ def test_stage_all_ends_with_an_export_transformers_loads_with_our_logits_and_id
 
 
 def test_unrepresentable_model_is_skipped_by_stage_all_and_refused_by_stage_export(workdir):
-    run_dir = workdir / "nobias"
-    args = [f"run_dir={run_dir}", *TRAIN, "model.bias=false", "train.max_steps=2", *EVAL[1:], "eval.lengths=[32]"]
+    run_dir = workdir / "swiglu"
+    args = [f"run_dir={run_dir}", *TRAIN, "model.mlp=swiglu", "train.max_steps=2", *EVAL[1:], "eval.lengths=[32]"]
     proc = run_pretrain(args, cwd=workdir)
-    line = "a Hugging Face BLOOM export cannot represent model.bias=false"
+    line = "model.mlp=swiglu: no transformers class has SwiGLU with ALiBi"
     assert f"[export] skipped: {line}" in proc.stdout
     assert (run_dir / "eval" / "results.json").is_file() and not (run_dir / "hf").exists()
     proc = run_pretrain(["stage=export", f"run_dir={run_dir}", *SMALL_RUN], cwd=workdir, check=False)
@@ -124,3 +124,22 @@ def _data_settings() -> dict:
             field = key.removeprefix("data.")
             out[field] = float(value) if "." in value else int(value)
     return out
+
+
+def test_mpt_block_exports_as_mpt_with_our_logits(workdir):
+    """MPT's bias-free block (model=mpt-125m's options at the tiny shape) goes to MptForCausalLM through stage=all."""
+    run_dir = workdir / "mpt"
+    mpt = ["model.bias=false", "model.embedding_layernorm=false", "model.mlp=gelu"]
+    proc = run_pretrain([f"run_dir={run_dir}", *TRAIN, *mpt, "train.max_steps=2", *EVAL], cwd=workdir)
+    assert "[export] as MptForCausalLM" in proc.stdout
+    corpus = load_prepared(DataConfig(**_data_settings(), cache_dir=str(workdir / "data")))
+    stream = corpus.tokens("val")[:256].tolist()
+    got = load_in_transformers(workdir, run_dir / "hf", [], [], [stream[:32], stream])
+    assert got["model_class"] == "MptForCausalLM"
+    model_cfg, state = load_weights(run_dir / "checkpoints")
+    model = GPT(model_cfg).eval()
+    model.load_state_dict(state)
+    for window in (stream[:32], stream):  # 1x and 8x the training length (32)
+        with torch.no_grad():
+            ours = model(torch.tensor([window]))[0]
+        assert (torch.tensor(got["logits"][str(len(window))]) - ours).abs().max().item() <= 1e-5
