@@ -38,7 +38,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "architectures": (
         "pretrain.bench.architectures",
-        "grouped-query attention's training step, decoding and KV cache by n_kv_head; each export class's greedy tokens",
+        "grouped-query attention's training step, decoding and KV cache by n_kv_head; each export class's greedy "
+        "tokens",
     ),
     "train_short_test_long": (
         "pretrain.bench.train_short_test_long",

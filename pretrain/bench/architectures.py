@@ -148,6 +148,33 @@ def greedy_rows(args) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def fidelity_rows(args) -> list[dict]:
+    """The export class of a trained run (``--run-dir``) against our model: perplexity at every multiple of the
+    training length on the validation split of the default corpus in ``--cache-dir``."""
+    from pretrain.config import DataConfig
+    from pretrain.data.prepare import load_prepared
+    from pretrain.export.fidelity import hf_model, perplexity_by_length
+    from pretrain.model.gpt import GPT
+    from pretrain.model.hf_formats import choose_format
+    from pretrain.train.weights import load_weights
+
+    if args.run_dir is None:
+        raise SystemExit("error: the fidelity section needs --run-dir RUN (a trained run)")
+    cfg, state = load_weights(args.run_dir / "checkpoints")
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    fmt = choose_format(cfg)
+    tensors = fmt.state_dict({k: v.float() for k, v in state.items()}, cfg)
+    theirs = hf_model(fmt, fmt.config(cfg), tensors)
+    tokens = torch.as_tensor(load_prepared(DataConfig(cache_dir=args.cache_dir)).tokens("val").astype("int64"))
+    rows = perplexity_by_length(model.eval(), theirs, tokens, [m * cfg.seq_len for m in args.multiples])
+    for row in rows:
+        row["class"] = fmt.architecture
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def config_with(base, overrides):
     from pretrain.config import ModelConfig
 
@@ -165,7 +192,12 @@ def main(argv=None, prog=None) -> int:
     parser.add_argument("--prompt", type=positive_int, default=512)
     parser.add_argument("--new", type=positive_int, default=32)
     parser.add_argument("--vocab", type=positive_int, default=8192)
-    parser.add_argument("--sections", nargs="+", default=["grouped_query", "greedy"], choices=["grouped_query", "greedy"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["grouped_query", "greedy"], choices=["grouped_query", "greedy", "fidelity"]
+    )
+    parser.add_argument("--run-dir", type=Path, default=None, help="fidelity: a trained run (its final weights)")
+    parser.add_argument("--cache-dir", default="data", help="fidelity: data.cache_dir of the run's (default) corpus")
+    parser.add_argument("--multiples", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -179,6 +211,9 @@ def main(argv=None, prog=None) -> int:
     if "greedy" in args.sections:
         optional_import("transformers", "the greedy section of bench architectures")
         result["greedy"] = greedy_rows(args)
+    if "fidelity" in args.sections:
+        optional_import("transformers", "the fidelity section of bench architectures")
+        result["fidelity"] = fidelity_rows(args)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

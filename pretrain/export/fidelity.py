@@ -63,3 +63,34 @@ def measure(model_cfg: ModelConfig, state: dict, fmt: HfFormat, config_dict: dic
         ids = torch.as_tensor(tokens[: multiple * model_cfg.seq_len], dtype=torch.int64)[None]
         rows.append({"multiple": multiple, **compare_logits(ours, theirs, ids)})
     return rows
+
+
+@torch.no_grad()
+def perplexity_by_length(ours, theirs, tokens: torch.Tensor, lengths, max_tokens: int = 8192) -> list[dict]:
+    """Perplexity of our model and of the class on non-overlapping windows of each length of ``tokens`` (1-D), up to
+    ``max_tokens`` predictions per length: how far the class's rounding moves the numbers an evaluation reports."""
+    rows = []
+    for length in lengths:
+        count = max(1, min(max_tokens // length, (len(tokens) - 1) // length))
+        sums, agree, worst, n = [0.0, 0.0], 0, 0.0, 0
+        for w in range(count):
+            ids = torch.as_tensor(tokens[w * length : (w + 1) * length + 1], dtype=torch.int64)[None]
+            a, b = ours(ids[:, :-1]).float(), theirs(ids[:, :-1]).logits.float()
+            for i, x in enumerate((a, b)):
+                sums[i] += torch.nn.functional.cross_entropy(x[0], ids[0, 1:], reduction="sum").item()
+            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            worst = max(worst, (a - b).abs().max().item())
+            n += length
+        ppl, ppl_hf = math.exp(sums[0] / n), math.exp(sums[1] / n)
+        rows.append(
+            {
+                "length": length,
+                "tokens": n,
+                "ppl": ppl,
+                "ppl_hf": ppl_hf,
+                "ppl_rel_diff": ppl_hf / ppl - 1.0,
+                "top1_agreement": agree / n,
+                "max_abs_logit_diff": worst,
+            }
+        )
+    return rows

@@ -80,7 +80,8 @@ def model_card(
             "",
             f"{fidelity_note or ''}. Measured at export on validation tokens, float32:",
             "",
-            "| tokens | max abs logit difference | same top-1 token | loss (ours) | loss (transformers) | ppl difference |",
+            "| tokens | max abs logit difference | same top-1 token | loss (ours) | loss (transformers) "
+            "| ppl difference |",
             "|---|---|---|---|---|---|",
         ]
         lines += [

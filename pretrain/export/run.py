@@ -25,9 +25,9 @@ from pretrain.config import Config, ModelConfig
 from pretrain.data.prepare import load_prepared
 from pretrain.errors import ConfigError, PipelineError
 from pretrain.eval.sources import ModelSource, checkpoint_source, source_model_config
+from pretrain.export.fidelity import measure
 from pretrain.export.model_card import model_card
 from pretrain.export.tokenizer import build_tokenizer, check_convertible, check_same_encoding, tokenizer_files
-from pretrain.export.fidelity import measure
 from pretrain.model.falcon import ROUNDING_NOTE
 from pretrain.model.hf_formats import HfFormat, choose_format
 from pretrain.parallel.distributed import DistContext, run_on_main

@@ -42,7 +42,9 @@ FORMATS = {
         "bloom", "BloomForCausalLM", "BLOOM", bloom_refusal, bloom_config, lambda s, _: to_bloom_state_dict(s), True
     ),
     "mpt": HfFormat("mpt", "MptForCausalLM", "MPT", mpt_refusal, mpt_config, to_mpt_state_dict, True),
-    "falcon": HfFormat("falcon", "FalconForCausalLM", "Falcon", falcon_refusal, falcon_config, to_falcon_state_dict, False),
+    "falcon": HfFormat(
+        "falcon", "FalconForCausalLM", "Falcon", falcon_refusal, falcon_config, to_falcon_state_dict, False
+    ),
 }
 EXPORT_FORMATS = ("auto", *FORMATS)
 assert EXPORT_FORMATS == CONFIG_EXPORT_FORMATS, "config.EXPORT_FORMATS must name exactly the formats defined here"

@@ -56,12 +56,13 @@ def alibi_attention(
 ):
     """Causal attention with the ALiBi bias ``-slopes[h] * (i - j)`` over global positions ``i``, ``j``.
 
-    q: ``[B, H, Lq, D]``; k, v: ``[B, H_kv, Lk, D]`` (``H_kv`` dividing ``H``: grouped-query attention); slopes: float32 ``[H]``, or None for no bias (the
-    baselines without ALiBi). Query ``q_offset + a`` sees key ``k_offset + b`` when its position is not
-    later; with ``window`` W only its last W positions. Returns ``[B, H, Lq, D]``, and with
-    ``return_lse`` also the float32 log-sum-exp of each row's scores ``[B, H, Lq]`` (``-inf`` for a row
-    that sees no key, whose output is zero). ``document_ids``: int64 ``[B, N]`` over global positions (N past the
-    last query and key position; ``pretrain.ops.documents``): a query then sees only keys of its own document.
+    q: ``[B, H, Lq, D]``; k, v: ``[B, H_kv, Lk, D]`` (``H_kv`` dividing ``H``: grouped-query attention); slopes:
+    float32 ``[H]``, or None for no bias (the baselines without ALiBi). Query ``q_offset + a`` sees key
+    ``k_offset + b`` when its position is not later; with ``window`` W only its last W positions. Returns
+    ``[B, H, Lq, D]``, and with ``return_lse`` also the float32 log-sum-exp of each row's scores ``[B, H, Lq]``
+    (``-inf`` for a row that sees no key, whose output is zero). ``document_ids``: int64 ``[B, N]`` over global
+    positions (N past the last query and key position; ``pretrain.ops.documents``): a query then sees only keys of
+    its own document.
     """
     _check_inputs(q, k, v, slopes, q_offset, k_offset, backend, window)
     if document_ids is not None:

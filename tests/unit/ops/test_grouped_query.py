@@ -97,7 +97,9 @@ def test_the_kernel_never_repeats_keys(monkeypatch):
 @pytest.mark.parametrize("n_kv_head", [2, 1])
 def test_the_cache_holds_the_shared_heads_and_decodes_exactly(n_kv_head):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=6, d_model=96, seq_len=16, vocab_size=300, init_std=0.1, n_kv_head=n_kv_head))
+    model = GPT(
+        ModelConfig(n_layer=2, n_head=6, d_model=96, seq_len=16, vocab_size=300, init_std=0.1, n_kv_head=n_kv_head)
+    )
     ids = torch.randint(0, 300, (2, 28))
     cache = KVCache.for_model(model.eval(), 2)
     assert cache.keys[0].shape[1] == n_kv_head
