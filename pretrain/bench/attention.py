@@ -4,8 +4,11 @@
         [--batch 1 --heads 8 --head-dim 64 --dtype float32 --device cpu|cuda --repeats N --warmup N --out PATH.json]
 
 Backends: those of ``pretrain.attention.alibi_attention`` (``fused``, ``sdpa`` with its materialized ``L x L``
-bias, ``eager``), and ``sdpa_causal_nobias``: ``scaled_dot_product_attention(q, k, v, is_causal=True)`` with
-no bias, the floor an attention without ALiBi reaches.
+bias, ``eager``), ``sdpa_causal_nobias``: ``scaled_dot_product_attention(q, k, v, is_causal=True)`` with
+no bias, the floor an attention without ALiBi reaches, and ``fused_documents``: the fused kernel with document masks
+(``train.document_mask``) on packed real windows: each row of the batch is a window of ``--corpus``'s train
+stream (a prepared corpus folder; default: the first ``data/stdlib-*``) at a fixed random place, its documents
+where the corpus's document offsets put them.
 
 Time: the median over ``--repeats`` calls of forward + ``out.backward(grad)``, after ``--warmup`` calls (which
 also compile FlexAttention on CUDA); CUDA calls are timed with CUDA events.
@@ -35,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +48,7 @@ from pretrain.ops.alibi import slopes
 from pretrain.ops.attention import BACKENDS, alibi_attention
 from pretrain.perf.memory import MIB, peak_memory_meter
 
-BENCH_BACKENDS = (*BACKENDS, "sdpa_causal_nobias")
+BENCH_BACKENDS = (*BACKENDS, "sdpa_causal_nobias", "fused_documents")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Per device: lengths, repeats, warm-up calls. A GPU call at these sizes takes milliseconds; a CPU call of
 # the fused kernel at L=8192 about half a minute on two cores.
@@ -69,16 +73,42 @@ class AttentionBenchParams:
     device: str
     repeats: int
     warmup: int
+    corpus: str | None = None
 
 
 # --- one measurement ---------------------------------------------------------------------------------------
 
 
-def attention_call(backend: str):
+def attention_call(backend: str, document_ids: torch.Tensor | None = None):
     """The function ``(q, k, v, slopes) -> out [B, H, L, D]`` that a backend name stands for."""
     if backend == "sdpa_causal_nobias":
         return lambda q, k, v, head_slopes: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if backend == "fused_documents":
+        return lambda q, k, v, head_slopes: alibi_attention(q, k, v, head_slopes, document_ids=document_ids)
     return lambda q, k, v, head_slopes: alibi_attention(q, k, v, head_slopes, backend=backend)
+
+
+def default_corpus() -> str | None:
+    """The first prepared default corpus (``data/stdlib-*``) with a train split, or None."""
+    found = sorted(p.parent.parent for p in Path("data").glob("stdlib-*/train/*.docs.npy"))
+    return str(found[0]) if found else None
+
+
+def document_lengths(corpus: str) -> np.ndarray:
+    """The token counts of the train split's documents (each shard's ``.docs.npy`` offsets), in stream order."""
+    paths = sorted((Path(corpus) / "train").glob("*.docs.npy"))
+    if not paths:
+        raise SystemExit(f"error: {corpus} holds no train/*.docs.npy: give --corpus a prepared corpus folder")
+    return np.concatenate([np.diff(np.load(path)) for path in paths])
+
+
+def packed_document_ids(corpus: str, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """int64 ``[batch, length]``: the document of each position of ``batch`` windows of the packed train stream,
+    each at a random place, as the training loader cuts them."""
+    offsets = np.concatenate([[0], np.cumsum(document_lengths(corpus))])
+    starts = np.random.default_rng(seed).integers(0, max(1, offsets[-1] - length), size=batch)
+    rows = [np.searchsorted(offsets, start + np.arange(length), side="right") - 1 for start in starts]
+    return torch.from_numpy(np.stack(rows) - np.stack(rows)[:, :1]).long()
 
 
 def make_inputs(params: AttentionBenchParams, length: int):
@@ -96,7 +126,10 @@ def measure(params: AttentionBenchParams, backend: str, length: int) -> dict:
     """Time and peak extra memory of forward+backward of one backend at one length, in this process."""
     device = torch.device(params.device)
     q, k, v, grad, head_slopes = make_inputs(params, length)
-    attend = attention_call(backend)
+    ids = None
+    if backend == "fused_documents":
+        ids = packed_document_ids(params.corpus, params.batch, length).to(device)
+    attend = attention_call(backend, ids)
 
     def step() -> None:
         q.grad = k.grad = v.grad = None
@@ -121,7 +154,11 @@ def measure(params: AttentionBenchParams, backend: str, length: int) -> dict:
             t0 = time.perf_counter()
             step()
             times_ms.append((time.perf_counter() - t0) * 1000)
+    extra = {}
+    if ids is not None:
+        extra["documents_per_window"] = float((ids[:, -1] + 1).float().mean())
     return {
+        **extra,
         "length": length,
         "backend": backend,
         "status": "ok",
@@ -138,6 +175,8 @@ def measure_in_subprocess(params: AttentionBenchParams, backend: str, length: in
     argv += ["--backends", backend, "--batch", str(params.batch), "--heads", str(params.heads)]
     argv += ["--head-dim", str(params.head_dim), "--dtype", params.dtype, "--device", params.device]
     argv += ["--repeats", str(params.repeats), "--warmup", str(params.warmup)]
+    if params.corpus is not None:
+        argv += ["--corpus", params.corpus]
     env = dict(os.environ)
     # The child imports this same checkout of the package, wherever the parent was started from.
     project_root = str(Path(__file__).resolve().parents[2])
@@ -223,6 +262,18 @@ def target_checks(rows: list[dict]) -> list[dict]:
         checks.append({"name": name, "status": "PASS" if growth <= 2.2 else "MISS", "detail": detail})
     else:
         checks.append({"name": name, "status": "SKIP", "detail": "needs fused measured at L=4096 and L=8192"})
+
+    # Document masks skip the key blocks of other documents: on real packed windows they cost no more than none.
+    for length in sorted({r["length"] for r in rows}):
+        masked, plain = ok.get(("fused_documents", length)), ok.get(("fused", length))
+        if masked and plain:
+            ratio = masked["time_ms"] / plain["time_ms"]
+            detail = (
+                f"{masked['time_ms']:.1f} / {plain['time_ms']:.1f} ms = {ratio:.2f} (<= 1; "
+                f"{masked['documents_per_window']:.1f} documents a window)"
+            )
+            name = f"at L={length} fused with document masks takes at most fused's time"
+            checks.append({"name": name, "status": "PASS" if ratio <= 1.0 else "MISS", "detail": detail})
     return checks
 
 
@@ -249,6 +300,10 @@ def parse_params(argv: list[str], prog: str) -> tuple[AttentionBenchParams, argp
         help="untimed calls first (default cpu: 1, cuda: 3); with 0, the first call's one-time costs count",
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--corpus",
+        help="fused_documents: a prepared corpus folder whose documents pack the windows (default: data/stdlib-*)",
+    )
     # Internal: measure one (backend, length) in this process and print the row (the CPU parent's child).
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -259,6 +314,11 @@ def parse_params(argv: list[str], prog: str) -> tuple[AttentionBenchParams, argp
         parser.error(f"--warmup {args.warmup} is not allowed; it must be >= 0")
     if args.one and (args.lengths is None or len(args.lengths) != 1 or len(args.backends) != 1):
         parser.error("--one measures exactly one length and one backend")
+    corpus = args.corpus
+    if "fused_documents" in args.backends and corpus is None:
+        corpus = default_corpus()
+        if corpus is None:
+            parser.error("--backends fused_documents needs --corpus, a prepared corpus folder (none in data/stdlib-*)")
     lengths, repeats, warmup = DEFAULTS[args.device]
     params = AttentionBenchParams(
         lengths=tuple(args.lengths or lengths),
@@ -270,6 +330,7 @@ def parse_params(argv: list[str], prog: str) -> tuple[AttentionBenchParams, argp
         device=args.device,
         repeats=args.repeats or repeats,
         warmup=warmup if args.warmup is None else args.warmup,
+        corpus=corpus,
     )
     return params, args
 
