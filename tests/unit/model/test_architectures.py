@@ -79,3 +79,15 @@ def test_a_record_older_than_the_options_is_the_default_block():
     assert check_resume({"model_config": old}, Config(), ModelConfig(), {}, "ckpt") == []
     with pytest.raises(PipelineError, match="model.n_kv_head is 1 but checkpoint ckpt holds a model with n_kv_head=4"):
         check_resume({"model_config": old}, Config(), ModelConfig(n_kv_head=1), {}, "ckpt")
+
+
+def test_init_from_refuses_weights_of_another_mlp(tmp_path):
+    from pretrain.parallel.distributed import DistContext
+    from pretrain.train.weights import load_init_weights, save_weights
+
+    saved = ModelConfig(n_layer=1, n_head=4, d_model=32, vocab_size=50, mlp="gelu")
+    save_weights(GPT(saved), saved, tmp_path / "run" / "checkpoints", DistContext(), zero_stage=0)
+    (tmp_path / "spm.model").write_bytes(b"tokenizer")
+    now = GPT(ModelConfig(n_layer=1, n_head=4, d_model=32, vocab_size=50))  # same shapes, tanh-GELU
+    with pytest.raises(PipelineError, match="holds a model with model.mlp=gelu, this run's has model.mlp=gelu_tanh"):
+        load_init_weights(now, str(tmp_path / "run"), tmp_path / "spm.model")
