@@ -19,6 +19,13 @@ Randomly initialised float32 models of ``conf/model/<--model>.yaml`` on this mac
 model.embedding_layernorm=false model.mlp=gelu``; Falcon: multi-query with ``model.alibi_slopes=falcon``), the
 model built in transformers from our state dict (``export.fidelity.hf_model``) decodes ``--new`` tokens greedily with
 ``generate`` from the same prompt: whether its tokens equal ours, and the largest logit difference on the prompt.
+
+``kernel`` (``--sections kernel``): the fused CPU kernel alone (forward and backward, ``--batch`` x ``--seq``, the
+model's heads and head dim) with each ``n_kv_head``, shared against repeated key/value heads.
+
+``fidelity`` (``--sections fidelity --run-dir RUN [--cache-dir DIR]``): a trained run's export class against our
+model, perplexity at every ``--multiples`` of the training length on the default corpus's validation split (how much
+Falcon's bfloat16 ALiBi bias moves the numbers).
 """
 
 from __future__ import annotations
@@ -148,6 +155,33 @@ def greedy_rows(args) -> list[dict]:
     return rows
 
 
+def kernel_rows(args) -> list[dict]:
+    """The fused CPU kernel alone, forward and backward at ``--seq`` tokens, with each ``--kv-heads`` against the same
+    attention with the key/value heads repeated (what a kernel without grouped-query support must do)."""
+    from pretrain.ops.alibi import slopes
+    from pretrain.ops.attention import alibi_attention
+
+    base = base_config(args.model, args.vocab)
+    heads, dim = base.n_head, base.head_dim
+    rows = []
+    for kv in args.kv_heads:
+        row = {"n_head": heads, "n_kv_head": kv, "seq": args.seq, "batch": args.batch}
+        for mode in ("shared", "repeated"):
+            times = []
+            for _ in range(args.steps + 1):
+                q = torch.randn(args.batch, heads, args.seq, dim, requires_grad=True)
+                k = torch.randn(args.batch, kv, args.seq, dim, requires_grad=True)
+                v = torch.randn(args.batch, kv, args.seq, dim, requires_grad=True)
+                start = time.perf_counter()
+                kk, vv = (k, v) if mode == "shared" else (t.repeat_interleave(heads // kv, 1) for t in (k, v))
+                alibi_attention(q, kk, vv, slopes(heads)).sum().backward()
+                times.append(time.perf_counter() - start)
+            row[f"{mode}_fwd_bwd_s"] = statistics.median(times[1:])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def fidelity_rows(args) -> list[dict]:
     """The export class of a trained run (``--run-dir``) against our model: perplexity at every multiple of the
@@ -193,7 +227,10 @@ def main(argv=None, prog=None) -> int:
     parser.add_argument("--new", type=positive_int, default=32)
     parser.add_argument("--vocab", type=positive_int, default=8192)
     parser.add_argument(
-        "--sections", nargs="+", default=["grouped_query", "greedy"], choices=["grouped_query", "greedy", "fidelity"]
+        "--sections",
+        nargs="+",
+        default=["grouped_query", "greedy"],
+        choices=["kernel", "grouped_query", "greedy", "fidelity"],
     )
     parser.add_argument("--run-dir", type=Path, default=None, help="fidelity: a trained run (its final weights)")
     parser.add_argument("--cache-dir", default="data", help="fidelity: data.cache_dir of the run's (default) corpus")
@@ -206,6 +243,8 @@ def main(argv=None, prog=None) -> int:
     result = {"params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     result["device"] = "cpu"
     result["threads"] = torch.get_num_threads()
+    if "kernel" in args.sections:
+        result["kernel"] = kernel_rows(args)
     if "grouped_query" in args.sections:
         result["grouped_query"] = grouped_query_rows(args)
     if "greedy" in args.sections:
