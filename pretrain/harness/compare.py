@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pretrain.config import Config
 from pretrain.errors import PipelineError
-from pretrain.harness.results import metric_name
+from pretrain.harness.results import format_number, metric_name
 from pretrain.run_files import RunFiles, write_atomic
 
 
@@ -75,8 +75,8 @@ def compare_table(reports: list[tuple[str, dict]]) -> str:
             first_hash.setdefault(task, scored)
             differs = scored != first_hash[task] or report.get("settings", {}).get("limit") is not None
             marked |= differs
-            value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
-            stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+            value = format_number(row["value"])
+            stderr = "" if row["stderr"] is None else f" ± {format_number(row['stderr'])}"
             row_cells.append(f"{value}{stderr}{' †' if differs else ''}")
         better = cells[(task, metric)][min(cells[(task, metric)])].get("higher_is_better")
         arrow = "" if better is None else " ↑" if better else " ↓"

@@ -116,7 +116,7 @@ def input_lengths(samples: dict, output_types: dict, count_tokens, train_len: in
 
 
 def length_lines(report: dict) -> list[str]:
-    """One line per task with inputs longer than the training length (or cut to ``harness.max_length``)."""
+    """One line per task with inputs longer than the training length (or cut to the max_length lm-eval got)."""
     train_len = report["model"].get("train_seq_len")
     max_length = report["settings"].get("max_length")
     lines = []
@@ -129,7 +129,7 @@ def length_lines(report: dict) -> list[str]:
             f"(longest {n['longest']:,} tokens)"
         )
         if cut:
-            text += f"; {cut:,} were cut from the left to harness.max_length={max_length}"
+            text += f"; {cut:,} were cut from the left to {max_length} tokens (max_length)"
         elif over:
             text += ", scored at their full length (ALiBi)"
         lines.append(text)
@@ -145,8 +145,8 @@ def format_table(report: dict) -> str:
             row["alias"],
             "" if row["n_shot"] is None else str(row["n_shot"]),
             metric_name(row) + ("" if row["higher_is_better"] is None else " ↑" if row["higher_is_better"] else " ↓"),
-            _fmt(row["value"]),
-            _fmt(row["stderr"]),
+            format_number(row["value"]),
+            format_number(row["stderr"]),
             "" if row["examples"] is None else f"{row['examples']:,}",
         )
         for row in rows
@@ -160,7 +160,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """A score as the tables show it: 4 decimals, thousands separated past 1,000 (perplexities)."""
     if value is None:
         return "n/a"
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
@@ -180,9 +181,12 @@ def card_section(report: dict) -> str:
         + ("each task's own few-shot count" if shots is None else f"{shots}-shot")
         + f", seed {settings.get('seed')}"
         + (f", **limit {limit:g} examples per task** (not comparable with published numbers)" if limit else "")
-        + ". Inputs longer than the training length are scored whole (ALiBi), with no truncation"
-        + ("" if settings.get("max_length") is None else f" below {settings['max_length']} tokens")
-        + ".",
+        + (
+            ". Inputs longer than the training length are scored whole (ALiBi), none truncated."
+            if settings.get("max_length") is None
+            else f". Inputs are scored whole up to {settings['max_length']} tokens; longer ones lose tokens from the "
+            "left (counted below)."
+        ),
         "",
         "| task | n-shot | metric | value | ± stderr | examples |",
         "|---|---:|---|---:|---:|---:|",
@@ -191,8 +195,8 @@ def card_section(report: dict) -> str:
         examples = "" if row["examples"] is None else f"{row['examples']:,}"
         shots_cell = "" if row["n_shot"] is None else row["n_shot"]
         lines.append(
-            f"| {row['alias']} | {shots_cell} | {metric_name(row)} | {_fmt(row['value'])} | {_fmt(row['stderr'])} "
-            f"| {examples} |"
+            f"| {row['alias']} | {shots_cell} | {metric_name(row)} | {format_number(row['value'])} "
+            f"| {format_number(row['stderr'])} | {examples} |"
         )
     lengths = length_lines(report)
     if lengths:

@@ -192,6 +192,14 @@ def dataset_message(name: str, err: BaseException) -> str:
     )
 
 
+def model_max_length(h: HarnessConfig, hf_config: dict) -> int:
+    """The ``max_length`` lm-eval gets: ``harness.max_length``, else no limit, except an MPT export's
+    ``max_seq_len``: transformers' MPT builds its ALiBi bias for that many positions and fails past it, so longer
+    inputs are cut there (and counted)."""
+    limits = [n for n in (h.max_length, hf_config.get("max_seq_len")) if isinstance(n, int) and n > 0]
+    return min(limits, default=NO_LIMIT)
+
+
 def run_harness(cfg: Config, ctx: DistContext, say=print) -> dict | None:
     """The stage on rank 0 while the other ranks wait (by a file: it may take hours); rank 0 returns the report."""
     say = say if ctx.is_main else (lambda *args, **kwargs: None)
@@ -231,7 +239,7 @@ def score_tasks(cfg: Config, device: str, say) -> dict:
     manager, tasks = load_tasks(h, list(h.tasks))
     names = [getattr(t, "task_name", None) or getattr(t, "name", "?") for t in tasks]
     say(f"[harness] tasks: {', '.join(names)} ({time.perf_counter() - started:.1f} s to build)")
-    max_length = h.max_length or NO_LIMIT
+    max_length = model_max_length(h, hf_config)
     lm = hf_cls(
         pretrained=str(hf),
         backend="causal",
@@ -242,7 +250,7 @@ def score_tasks(cfg: Config, device: str, say) -> dict:
     )
     say(
         f"[harness] {hf} on {device}, batch size {h.batch_size}, "
-        + (f"inputs cut at {h.max_length} tokens" if h.max_length else "every input scored at its full length")
+        + (f"inputs cut at {max_length} tokens" if max_length < NO_LIMIT else "every input scored at its full length")
         + f" (trained at {hf_config.get('seq_length', '?')})"
     )
     limit = None if h.limit is None else (int(h.limit) if h.limit >= 1 else h.limit)
@@ -288,7 +296,7 @@ def score_tasks(cfg: Config, device: str, say) -> dict:
             "include_path": None if h.include_path is None else str(Path(h.include_path).expanduser().resolve()),
             "device": device,
             "seed": h.seed,
-            "max_length": h.max_length,
+            "max_length": None if max_length == NO_LIMIT else max_length,
             "prefix_token_id": hf_config.get("eos_token_id"),
         },
         "versions": {

@@ -137,3 +137,13 @@ def test_the_checkpoint_evaluated_is_read_from_the_cards_source_line(tmp_path):
     assert found["step"] == 7 and found["exported"]
     (run / "hf" / "README.md").write_text("| exported from | `/runs/x/checkpoints/step_00000250` |\n")
     assert checkpoint_evaluated(config(tmp_path), None, run / "hf")["step"] == 250
+
+
+def test_inputs_are_never_cut_except_where_the_export_cannot_read_them():
+    from pretrain.harness.run import NO_LIMIT, model_max_length
+
+    assert model_max_length(HarnessConfig(), {"model_type": "bloom", "seq_length": 128}) == NO_LIMIT
+    assert model_max_length(HarnessConfig(max_length=4096), {"model_type": "bloom"}) == 4096
+    # transformers' MPT builds its bias for max_seq_len positions and fails past them
+    assert model_max_length(HarnessConfig(), {"model_type": "mpt", "max_seq_len": 8192}) == 8192
+    assert model_max_length(HarnessConfig(max_length=4096), {"model_type": "mpt", "max_seq_len": 8192}) == 4096

@@ -108,7 +108,7 @@ def test_input_lengths_count_what_the_model_reads():
     lines = length_lines({"model": {"train_seq_len": 3}, "settings": {"max_length": 5}, "lengths": lengths})
     assert lines == [
         "rolling: 1 of 1 inputs are longer than the training length 3 (longest 6 tokens); 1 were cut from the "
-        "left to harness.max_length=5",
+        "left to 5 tokens (max_length)",
         "gen: 1 of 1 inputs are longer than the training length 3 (longest 4 tokens), scored at their full "
         "length (ALiBi)",
     ]
