@@ -208,7 +208,7 @@ def _run_stages(cfg: Config, ctx: DistContext, invocation: Invocation | None) ->
         exported = run_export(cfg, ctx)  # skipped, with one line saying why, for a model BLOOM cannot represent
         if cfg.harness.tasks:
             if exported is not None:
-                run_harness(cfg, ctx)
+                run_harness(cfg, ctx, just_exported=True)
             elif ctx.is_main:
                 print("[harness] skipped: there is no export to score")
     if cfg.stage == "generate":  # not part of stage=all

@@ -200,35 +200,36 @@ def model_max_length(h: HarnessConfig, hf_config: dict) -> int:
     return min(limits, default=NO_LIMIT)
 
 
-def run_harness(cfg: Config, ctx: DistContext, say=print) -> dict | None:
-    """The stage on rank 0 while the other ranks wait (by a file: it may take hours); rank 0 returns the report."""
+def run_harness(cfg: Config, ctx: DistContext, say=print, just_exported: bool = False) -> dict | None:
+    """The stage on rank 0 while the other ranks wait (by a file: it may take hours); rank 0 returns the report.
+    ``just_exported``: ``stage=all`` has just written ``hf/`` (no second export, even with ``export.checkpoint``)."""
     say = say if ctx.is_main else (lambda *args, **kwargs: None)
     files = RunFiles(cfg.run_dir)
     holder: dict = {}
 
     def work() -> str:
-        holder["report"] = evaluate(cfg, ctx, say)
+        holder["report"] = evaluate(cfg, ctx, say, just_exported)
         return "done"
 
     run_on_main(ctx, work, "run lm-evaluation-harness", wait_dir=files.eval_dir, waiting="lm-evaluation-harness")
     return holder.get("report")
 
 
-def evaluate(cfg: Config, ctx: DistContext, say=print) -> dict | None:
+def evaluate(cfg: Config, ctx: DistContext, say=print, just_exported: bool = False) -> dict | None:
     """Export if needed, score ``harness.tasks``, write what the stage leaves; then the comparison."""
     h = cfg.harness
     report = None
     if h.tasks:
-        report = score_tasks(cfg, h.device or str(ctx.device), say)
+        report = score_tasks(cfg, h.device or str(ctx.device), say, just_exported)
     write_comparison(cfg, report, say)
     return report
 
 
-def score_tasks(cfg: Config, device: str, say) -> dict:
+def score_tasks(cfg: Config, device: str, say, just_exported: bool = False) -> dict:
     h = cfg.harness
     files = RunFiles(cfg.run_dir)
     hf_cls = hf_model_class()
-    plan = export_to_make(cfg)
+    plan = None if just_exported else export_to_make(cfg)
     if plan is not None:
         why = "missing" if not (files.hf / "model.safetensors").is_file() else "older than the weights"
         say(f"[harness] {files.hf} is {why}: exporting {plan.source.weights_dir} first")
