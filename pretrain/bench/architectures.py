@@ -201,10 +201,17 @@ def fidelity_rows(args) -> list[dict]:
     fmt = choose_format(cfg)
     tensors = fmt.state_dict({k: v.float() for k, v in state.items()}, cfg)
     theirs = hf_model(fmt, fmt.config(cfg), tensors)
-    tokens = torch.as_tensor(load_prepared(DataConfig(cache_dir=args.cache_dir)).tokens("val").astype("int64"))
+    val = load_prepared(DataConfig(cache_dir=args.cache_dir)).tokens("val")
+    tokens = torch.as_tensor(val[: 64 * 1024].astype("int64"))  # enough for every length at 8,192 tokens
     rows = perplexity_by_length(model.eval(), theirs, tokens, [m * cfg.seq_len for m in args.multiples])
+    # Greedy decoding inside the training length: half of it prompt (validation tokens), half generated.
+    half = cfg.seq_len // 2
+    ours, _, _, _ = decode(model, tokens[None, :half], half)
+    generated = theirs.generate(tokens[None, :half], max_new_tokens=half, do_sample=False, eos_token_id=None)
+    greedy = ours == generated[0, half:].tolist()
     for row in rows:
         row["class"] = fmt.architecture
+        row["greedy_equal_at_1x"] = greedy
         print(json.dumps(row), flush=True)
     return rows
 

@@ -75,12 +75,16 @@ def embed_scale(cfg: ModelConfig) -> float:
     return math.sqrt(cfg.d_model) if ENCODINGS[cfg.pos_encoding].table else 1.0 / cfg.init_std
 
 
-def model_slopes(n_head: int, divisor: float = 1.0) -> torch.Tensor:
-    """The slopes a model's attention reads, float32 ``[n_head]``: the paper's (``ops.alibi.slopes``), divided by
-    ``divisor`` (``sqrt(head_dim)`` for ``model.alibi_slopes=falcon``: Falcon adds the bias ``m * j`` to the raw scores
-    and scales both by ``1/sqrt(head_dim)``, so its effective slope is ``m / sqrt(head_dim)``)."""
+def model_slopes(n_head: int, rule: str = "paper", head_dim: int = 1) -> torch.Tensor:
+    """The slopes a model's attention reads, float32 ``[n_head]``: the paper's (``ops.alibi.slopes``), or for
+    ``model.alibi_slopes=falcon`` Falcon's: transformers' Falcon rounds the paper's slopes to bfloat16, multiplies by
+    the key position, and adds that to the raw scores before both are scaled by ``1/sqrt(head_dim)``, so its slope is
+    ``bf16(m) / sqrt(head_dim)``. (Its product with the position is rounded to bfloat16 too: that part no slope can
+    reproduce, see ``model/falcon.py``.)"""
     slopes = alibi_slopes(n_head)
-    return slopes if divisor == 1.0 else (slopes.double() / divisor).float()
+    if rule == "paper":
+        return slopes
+    return (slopes.to(torch.bfloat16).double() / math.sqrt(head_dim)).float()
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -117,10 +121,9 @@ class PositionEncoding(nn.Module):
         self.max_positions = cfg.max_positions or cfg.seq_len
         # Positions enter as table * position_scale (see embed_scale); 1.0 leaves the sum as it was before the scale.
         self.position_scale = 1.0 / embed_scale(cfg)
-        self.n_head = cfg.n_head
-        # model.alibi_slopes=falcon: the slopes divided by sqrt(head_dim), Falcon's (see model_slopes).
-        self.slope_divisor = math.sqrt(cfg.head_dim) if cfg.alibi_slopes == "falcon" else 1.0
-        slopes = model_slopes(cfg.n_head, self.slope_divisor) if self.kind == "alibi" else None
+        # model.alibi_slopes=falcon: Falcon's slopes (see model_slopes).
+        self.slope_rule = (cfg.n_head, cfg.alibi_slopes, cfg.head_dim)
+        slopes = model_slopes(*self.slope_rule) if self.kind == "alibi" else None
         # float32 always: a bf16 slope would round the bias (see alibi.py). Not a parameter: never trained.
         self.register_buffer("slopes", slopes, persistent=False)
         if self.kind == "learned":
@@ -134,7 +137,7 @@ class PositionEncoding(nn.Module):
         # (float32 slopes) would score another model than the one trained. They are rebuilt from the rule.
         super()._apply(fn, recurse)
         if self.slopes is not None and self.slopes.dtype != torch.float32:
-            self.slopes = model_slopes(self.n_head, self.slope_divisor).to(self.slopes.device)
+            self.slopes = model_slopes(*self.slope_rule).to(self.slopes.device)
         return self
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -91,3 +91,13 @@ def test_init_from_refuses_weights_of_another_mlp(tmp_path):
     now = GPT(ModelConfig(n_layer=1, n_head=4, d_model=32, vocab_size=50))  # same shapes, tanh-GELU
     with pytest.raises(PipelineError, match="holds a model with model.mlp=gelu, this run's has model.mlp=gelu_tanh"):
         load_init_weights(now, str(tmp_path / "run"), tmp_path / "spm.model")
+
+
+def test_falcon_slopes_are_falcons():
+    """bf16(m) / sqrt(head_dim): what transformers' Falcon multiplies the key positions by (before its bf16 product)."""
+    from pretrain.model.bloom import _bloom_slopes
+
+    model = GPT(ModelConfig(n_layer=1, n_head=12, d_model=192, alibi_slopes="falcon", embedding_layernorm=False))
+    theirs = torch.tensor(_bloom_slopes(12)).to(torch.bfloat16).double() / 4.0
+    assert torch.allclose(model.pos.slopes.double(), theirs, rtol=1e-7, atol=0)
+    assert model.pos.slopes.dtype == torch.float32
