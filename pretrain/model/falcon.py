@@ -12,10 +12,11 @@ represents a sequential block with 1 < n_kv_head < n_head, and such a model is r
 
 ALiBi in Falcon: ``build_alibi_tensor`` uses BLOOM's slopes, but the bias ``m_h * j`` is added to the attention mask
 and divided by ``sqrt(head_dim)`` with the scores (as Falcon-RW was trained and vLLM serves it): Falcon's slope is
-``m_h / sqrt(head_dim)``. Only a model trained with ``model.alibi_slopes=falcon`` has those slopes. And transformers
-rounds the bias to bfloat16 (``slopes[..., None].bfloat16() * arange_tensor``): bf16 holds integers exactly only to
-256, so past a few hundred positions the class's logits differ from ours (``ROUNDING_NOTE``; measured in
-docs/export.md). That is the class's arithmetic, not a difference of the weights.
+``bf16(m_h) / sqrt(head_dim)``. Only a model trained with ``model.alibi_slopes=falcon`` has those slopes. And
+transformers rounds the bias itself to bfloat16 (``slopes[..., None].bfloat16() * arange_tensor``): 8 significant
+bits. With every slope a power of two (``n_head`` up to 8) the bias is exact up to position 256 and rounded past it;
+with more heads some slopes are not, and the bias is rounded from the first positions on. So the class's logits
+differ from ours (``ROUNDING_NOTE``; measured in docs/export.md): the class's arithmetic, not the weights.
 
 Pure functions: no file is read or written here (``pretrain.export`` writes the directory).
 """
