@@ -23,8 +23,8 @@ ATTENTION_BACKENDS = ("fused", "sdpa", "eager")
 MLPS = ("gelu_tanh", "gelu", "swiglu")
 # model.norm: LayerNorm with a bias (BLOOM), or without one (MPT); null follows model.bias.
 NORMS = ("layernorm", "layernorm_nobias")
-# model.alibi_slopes: the paper's slopes (BLOOM, MPT), or those divided by sqrt(head_dim), as Falcon's ALiBi adds its
-# bias before the 1/sqrt(head_dim) scaling of the scores (transformers' FalconModel, vLLM, Falcon-RW).
+# model.alibi_slopes: the paper's slopes (BLOOM, MPT), or Falcon's: rounded to bfloat16 and divided by sqrt(head_dim),
+# as Falcon adds its bias before the 1/sqrt(head_dim) scaling of the scores (transformers' FalconModel, Falcon-RW).
 ALIBI_SLOPES = ("paper", "falcon")
 # SwiGLU's hidden size is rounded up to a multiple of this (LLaMA's multiple_of; torchtitan and litgpt use it too).
 SWIGLU_MULTIPLE = 256

@@ -11,7 +11,7 @@ with ``multi_query=true``, ``[all queries, k, v]``: exactly our layout for ``n_k
 represents a sequential block with 1 < n_kv_head < n_head, and such a model is refused.
 
 ALiBi in Falcon: ``build_alibi_tensor`` uses BLOOM's slopes, but the bias ``m_h * j`` is added to the attention mask
-and divided by ``sqrt(head_dim)`` with the scores (as Falcon-RW was trained and vLLM serves it): Falcon's slope is
+and divided by ``sqrt(head_dim)`` with the scores (as Falcon-RW's own modelling code has it): Falcon's slope is
 ``bf16(m_h) / sqrt(head_dim)``. Only a model trained with ``model.alibi_slopes=falcon`` has those slopes. And
 transformers rounds the bias itself to bfloat16 (``slopes[..., None].bfloat16() * arange_tensor``): 8 significant
 bits. With every slope a power of two (``n_head`` up to 8) the bias is exact up to position 256 and rounded past it;
