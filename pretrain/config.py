@@ -159,6 +159,9 @@ class ModelConfig:
     # null: layernorm when model.bias is true, layernorm_nobias when it is false (what model.bias=false always meant).
     norm: Optional[str] = None
     alibi_slopes: str = "paper"
+    # Attention and MLP side by side on the same input, each through its own LayerNorm (GPT-J, PaLM, Falcon-40B's
+    # new_decoder_architecture) instead of one after the other; the same parameters.
+    parallel_block: bool = False
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "mlp_ratio"):

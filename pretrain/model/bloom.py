@@ -72,6 +72,8 @@ def check_bloom_compatible(model_cfg: ModelConfig) -> None:
         reason = f"model.n_kv_head={model_cfg.n_kv_head} (BLOOM has one key/value head per query head)"
     elif model_cfg.alibi_slopes != "paper":
         reason = f"model.alibi_slopes={model_cfg.alibi_slopes} (BLOOM uses the paper's slopes)"
+    elif model_cfg.parallel_block:
+        reason = "model.parallel_block=true (BLOOM's block is sequential)"
     else:
         ours = alibi_slopes(model_cfg.n_head).double()
         theirs = torch.tensor(_bloom_slopes(model_cfg.n_head), dtype=torch.float64)
@@ -86,8 +88,10 @@ def bloom_refusal(model_cfg: ModelConfig) -> str | None:
     try:
         check_bloom_compatible(model_cfg)
     except ConfigError as err:
-        return str(err).removeprefix("a Hugging Face BLOOM export cannot represent ").removesuffix(
-            "; the model cannot be exported"
+        return (
+            str(err)
+            .removeprefix("a Hugging Face BLOOM export cannot represent ")
+            .removesuffix("; the model cannot be exported")
         )
     return None
 

@@ -7,8 +7,10 @@ with zero biases), linear biases as ``bias`` says, the MLP's width and activatio
 fused ``query_key_value`` is either BLOOM's ``[head, (q, k, v), head_dim]`` (one key/value head per query head) or,
 with ``multi_query=true``, ``[all queries, k, v]``: exactly our layout for ``n_kv_head = n_head`` and for
 ``n_kv_head = 1``. Falcon's grouped-query attention (``num_kv_heads`` between) exists only in its
-``new_decoder_architecture`` block, which is a *parallel* block (attention and MLP read the same input): no layout
-represents a sequential block with 1 < n_kv_head < n_head, and such a model is refused.
+``new_decoder_architecture`` block, which is a *parallel* block (attention and MLP read the same input, each through
+its own LayerNorm ``ln_attn``/``ln_mlp``), with the fused QKV ``[kv_head, (its group's queries, k, v), head_dim]``:
+exactly ours with ``model.parallel_block=true`` for any ``n_kv_head``. A sequential block with 1 < n_kv_head < n_head
+has no layout and is refused.
 
 ALiBi in Falcon: ``build_alibi_tensor`` uses BLOOM's slopes, but the bias ``m_h * j`` is added to the attention mask
 and divided by ``sqrt(head_dim)`` with the scores (as Falcon-RW's own modelling code has it): Falcon's slope is
@@ -51,10 +53,11 @@ def falcon_refusal(model_cfg: ModelConfig) -> str | None:
         return "model.embedding_layernorm=true (Falcon does not normalise the word embeddings)"
     if model_cfg.mlp not in ACTIVATIONS:
         return f"model.mlp={model_cfg.mlp} (Falcon's MLP is a GELU)"
-    if model_cfg.n_kv_head not in (1, model_cfg.n_head):
+    if not model_cfg.parallel_block and model_cfg.n_kv_head not in (1, model_cfg.n_head):
         return (
             f"model.n_kv_head={model_cfg.n_kv_head} (Falcon has grouped-query attention only in its parallel "
-            "new_decoder_architecture block; its sequential block has 1 or n_head key/value heads)"
+            "new_decoder_architecture block, model.parallel_block=true; its sequential block has 1 or n_head "
+            "key/value heads)"
         )
     ours = alibi_slopes(model_cfg.n_head).double()
     theirs = torch.tensor(_bloom_slopes(model_cfg.n_head), dtype=torch.float64)
@@ -74,7 +77,8 @@ def falcon_config(model_cfg: ModelConfig, token_ids: dict[str, int] | None = Non
     """The ``config.json`` of a ``FalconForCausalLM`` equal to our model up to its bf16 bias (after the check)."""
     check_falcon_compatible(model_cfg)
     ids = dict(DEFAULT_TOKEN_IDS, **(token_ids or {}))
-    multi_query = model_cfg.n_kv_head == 1 and model_cfg.n_head > 1
+    parallel = model_cfg.parallel_block
+    multi_query = model_cfg.n_kv_head == 1 and model_cfg.n_head > 1 and not parallel
     return {
         "architectures": ["FalconForCausalLM"],
         "model_type": "falcon",
@@ -82,10 +86,11 @@ def falcon_config(model_cfg: ModelConfig, token_ids: dict[str, int] | None = Non
         "hidden_size": model_cfg.d_model,
         "num_hidden_layers": model_cfg.n_layer,
         "num_attention_heads": model_cfg.n_head,
-        "num_kv_heads": 1 if multi_query else model_cfg.n_head,
+        "num_kv_heads": model_cfg.n_kv_head if parallel else (1 if multi_query else model_cfg.n_head),
         "multi_query": multi_query,
-        "new_decoder_architecture": False,
-        "parallel_attn": False,
+        "new_decoder_architecture": parallel,
+        "parallel_attn": parallel,
+        "num_ln_in_parallel_attn": 2 if parallel else None,
         "alibi": True,
         "bias": model_cfg.bias,
         "activation": ACTIVATIONS[model_cfg.mlp],
@@ -103,10 +108,17 @@ def falcon_config(model_cfg: ModelConfig, token_ids: dict[str, int] | None = Non
 
 
 def to_falcon_state_dict(our_state_dict: dict, model_cfg: ModelConfig) -> dict:
-    """Falcon's tensor names for our GPT's state dict: BLOOM's, and zero biases for bias-free LayerNorms."""
-    out = {PREFIX + name: tensor for name, tensor in our_state_dict.items()}
+    """Falcon's tensor names for our GPT's state dict: BLOOM's (the parallel block's LayerNorms are ``ln_attn`` and
+    ``ln_mlp``), and zero biases for bias-free LayerNorms."""
+    out = {PREFIX + _parallel_name(name, model_cfg): tensor for name, tensor in our_state_dict.items()}
     if not model_cfg.norm_bias:
         for name, tensor in our_state_dict.items():
             if name.endswith("layernorm.weight") or name == "ln_f.weight":
-                out[PREFIX + name.removesuffix("weight") + "bias"] = torch.zeros_like(tensor)
+                out[PREFIX + _parallel_name(name.removesuffix("weight") + "bias", model_cfg)] = torch.zeros_like(tensor)
     return out
+
+
+def _parallel_name(name: str, model_cfg: ModelConfig) -> str:
+    if not model_cfg.parallel_block:
+        return name
+    return name.replace("input_layernorm", "ln_attn").replace("post_attention_layernorm", "ln_mlp")

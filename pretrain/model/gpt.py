@@ -147,6 +147,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        # model.parallel_block: x + attention(LN_1(x)) + MLP(LN_2(x)), Falcon's new_decoder_architecture.
+        self.parallel = cfg.parallel_block
 
     def forward(
         self,
@@ -156,12 +158,20 @@ class Block(nn.Module):
         window: int | None = None,
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), offset, positions, window, document_ids))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        attention = self.dropout(self.self_attention(self.input_layernorm(x), offset, positions, window, document_ids))
+        return self._add_mlp(x, attention)
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int, step: CacheStep) -> torch.Tensor:
         """``forward`` for new tokens continuing the rows of ``cache`` (decoding)."""
-        x = x + self.dropout(self.self_attention.forward_cached(self.input_layernorm(x), cache, layer, step))
+        return self._add_mlp(
+            x, self.dropout(self.self_attention.forward_cached(self.input_layernorm(x), cache, layer, step))
+        )
+
+    def _add_mlp(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            # Summed as Falcon does (MLP plus attention, then the residual), so its export rounds alike.
+            return x + (self.dropout(self.mlp(self.post_attention_layernorm(x))) + attention)
+        x = x + attention
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 

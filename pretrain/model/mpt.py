@@ -61,6 +61,8 @@ def mpt_refusal(model_cfg: ModelConfig) -> str | None:
         return f"model.mlp={model_cfg.mlp} (MPT's MLP is the exact GELU: model.mlp=gelu)"
     if model_cfg.mlp_ratio != MPT_MLP_RATIO:
         return f"model.mlp_ratio={model_cfg.mlp_ratio} (MPT's MLP is always {MPT_MLP_RATIO} x d_model)"
+    if model_cfg.parallel_block:
+        return "model.parallel_block=true (MPT's block is sequential)"
     if model_cfg.n_kv_head != model_cfg.n_head:
         return f"model.n_kv_head={model_cfg.n_kv_head} (transformers' MPT has one key/value head per query head)"
     ours = alibi_slopes(model_cfg.n_head).double()

@@ -40,6 +40,7 @@ def legacy_model_keys(saved: dict) -> dict:
         "mlp_hidden": None,
         "norm": "layernorm" if saved.get("bias", True) else "layernorm_nobias",
         "alibi_slopes": "paper",
+        "parallel_block": False,
     }
 
 

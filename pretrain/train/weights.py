@@ -362,7 +362,7 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer: Path) -
 
 
 # Model keys that change what the weights compute without always changing their shapes (train.init_from compares them).
-INIT_FUNCTION_KEYS = ("n_kv_head", "mlp", "norm", "alibi_slopes")
+INIT_FUNCTION_KEYS = ("n_kv_head", "mlp", "norm", "alibi_slopes", "parallel_block")
 
 
 def check_float(state: dict, where: Path, key: str) -> None:

@@ -39,6 +39,8 @@ CASES = [
     ("mpt", MPT),
     ("falcon", FALCON_MQA),
     ("falcon", dict(alibi_slopes="falcon", embedding_layernorm=False, bias=False, mlp="gelu")),
+    # grouped-query attention in Falcon's new_decoder_architecture: the parallel block
+    ("falcon", dict(n_kv_head=2, parallel_block=True, alibi_slopes="falcon", embedding_layernorm=False)),
 ]
 
 
@@ -62,7 +64,9 @@ def test_each_class_gives_our_logits_at_1x_and_8x(name, overrides):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name, overrides", CASES[:3], ids=lambda c: c if isinstance(c, str) else ",".join(c))
+@pytest.mark.parametrize(
+    "name, overrides", [*CASES[:3], CASES[-1]], ids=lambda c: c if isinstance(c, str) else ",".join(c)
+)
 def test_greedy_tokens_equal_transformers_generate(name, overrides):
     model, _, hf = build(overrides)
     prompt = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
