@@ -3,9 +3,13 @@
 The default layout is Hugging Face's ``BloomForCausalLM`` (word-embedding LayerNorm, biases everywhere,
 tanh-GELU, one fused query/key/value projection laid out ``[head, (q, k, v), head_dim]``, the LM head tied
 to the embedding), so that export to ``transformers`` is a renaming of tensors. Differences from BLOOM are
-behind config flags: ``embedding_layernorm=false`` and ``bias=false`` give the GPT-2/nanoGPT variant, and
+behind config flags: ``embedding_layernorm=false`` and ``bias=false`` give the GPT-2/nanoGPT variant (with
+``mlp=gelu``, MPT's block), ``n_kv_head`` shares key/value heads among groups of query heads (grouped-query and
+multi-query attention; the fused projection then lays each group out as its queries, key and value), ``mlp=swiglu``
+is SwiGLU, ``parallel_block`` puts attention and MLP side by side (Falcon's new_decoder_architecture), and
 the position-encoding baselines (``sinusoidal``, ``learned``, ``rope``, ``none``) exist for the
-extrapolation comparison. BLOOM's attention-probability dropout is not offered: the fused kernel never forms
+extrapolation comparison. ``pretrain.model.hf_formats`` says which transformers class represents which.
+BLOOM's attention-probability dropout is not offered: the fused kernel never forms
 the probabilities, so dropout applies to the residual branches only.
 
 The position encoding is chosen in one place, ``PositionEncoding`` (``positions.py``); the attention
