@@ -12,6 +12,7 @@ import math
 import torch
 
 from pretrain.config import ModelConfig
+from pretrain.extras import optional_import
 from pretrain.model.hf_formats import HfFormat
 
 MULTIPLES = (1, 8)
@@ -19,7 +20,7 @@ MULTIPLES = (1, 8)
 
 def hf_model(fmt: HfFormat, config_dict: dict, tensors: dict):
     """The transformers model of an export, built in this process from its ``config.json`` and tensors (float32)."""
-    import transformers
+    transformers = optional_import("transformers", "measuring how closely the exported class computes the model")
 
     config = transformers.AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "architectures"})
     config.dtype = torch.float32

@@ -28,6 +28,7 @@ from pretrain.eval.sources import ModelSource, checkpoint_source, source_model_c
 from pretrain.export.fidelity import measure
 from pretrain.export.model_card import model_card
 from pretrain.export.tokenizer import build_tokenizer, check_convertible, check_same_encoding, tokenizer_files
+from pretrain.extras import MissingExtraError
 from pretrain.model.falcon import ROUNDING_NOTE
 from pretrain.model.hf_formats import HfFormat, choose_format
 from pretrain.parallel.distributed import DistContext, run_on_main
@@ -262,7 +263,11 @@ def _write(cfg: Config, plan: ExportPlan, out: Path, say) -> None:
     fidelity = None
     if not fmt.exact:
         say(f"[export] warning: {ROUNDING_NOTE}; measuring it on validation tokens (in the model card)")
-        fidelity = measure(model_cfg, state, fmt, config_dict, tensors, _validation_tokens(cfg, model_bytes))
+        try:
+            fidelity = measure(model_cfg, state, fmt, config_dict, tensors, _validation_tokens(cfg, model_bytes))
+        except MissingExtraError as err:  # the export itself needs no transformers: say why there is no number
+            say(f"[export] not measured: {err}")
+            fidelity = []
         for row in fidelity:
             say(
                 f"[export] {fmt.architecture} vs this model at {row['tokens']} tokens: max |logit difference| "
