@@ -6,9 +6,10 @@ from global positions and slopes, and the backward pass recomputes each block fr
 on each pair of chunks.
 
 With ``document_ids`` (int64 ``[B, >= last position + 1]`` over global positions) a query sees only keys of its own
-document: a key chunk that holds no key of the documents of its query rows (in any batch row) is skipped, one
-whose rows and keys all lie in one document (per batch row) is computed as without documents, and only the others
-are masked, entry by entry.
+document. Each batch row then runs on its own (rows hold different documents): a key chunk is left out when none of
+its keys shares a document with the query block, its rows are narrowed to those of the chunk's documents (ids run
+along the window), a chunk inside one document is computed as without documents, and the others fold the document
+mask into the visibility plane that the causal mask uses (no extra pass over the block).
 
 Grouped-query attention (``k``, ``v`` with ``H_kv`` heads, each shared by ``G = H / H_kv`` query heads): the ``G``
 query heads of a group share one key matrix, so their rows of a block are folded into one ``[G x rows, D]`` operand
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # Query rows per block of the CPU kernel; the most score elements (batch x heads x rows x keys) one block
@@ -68,9 +70,10 @@ def _blocks(q_len, k_len, batch_heads, q_offset, k_offset, window, docs=None):
     the query block that see any of its keys (the others are left out of the block, which keeps the diagonal
     blocks small), the distance of the first of those rows to the first key, whether the block still hides any
     entry (only blocks that cross the diagonal or the window's edge do), and whether documents cut it (``docs``:
-    the ``(query ids [B, Lq], key ids [B, Lk])`` of the local positions; a chunk none of whose keys shares a
-    document with its rows is left out).
+    the ``(query ids [Lq], key ids [Lk])`` of one batch row's local positions; a chunk none of whose keys shares a
+    document with its rows is left out, and with ids that never fall the rows are narrowed to the chunk's documents).
     """
+    rising = docs is not None and bool((np.diff(docs[0]) >= 0).all())
     blocks = []
     for qs in range(0, q_len, BLOCK_Q):
         qe = min(qs + BLOCK_Q, q_len)
@@ -85,47 +88,63 @@ def _blocks(q_len, k_len, batch_heads, q_offset, k_offset, window, docs=None):
             # window still reaches the last key.
             r0 = max(0, k_first - q_first)
             r1 = qe - qs if window is None else min(qe - qs, k_last + window - q_first)
+            split = False
+            if docs is not None and r1 > r0:
+                r0, r1, split = _document_rows(docs, qs, r0, r1, ks, ke, rising)
             if r1 <= r0:
                 continue
             first, last = q_first + r0, q_first + r1 - 1
             masked = k_last > first or (window is not None and last - k_first >= window)
-            split = False
-            if docs is not None:
-                seen, split = _document_overlap(docs, qs + r0, qs + r1, ks, ke)
-                if not seen:
-                    continue
             chunks.append((ks, ke, r0, r1, first - k_first, masked, split))
         if chunks:
             blocks.append((qs, qe, chunks))
     return blocks
 
 
-def _document_overlap(docs, q0: int, q1: int, k0: int, k1: int) -> tuple[bool, bool]:
-    """``(any, split)`` for query rows ``q0 .. q1 - 1`` and keys ``k0 .. k1 - 1``: whether a row may share a document
-    with a key in some batch row (their id ranges overlap), and whether any batch row's rows and keys span more
-    than one document (the block then needs its entries masked)."""
+def _document_rows(docs, qs: int, r0: int, r1: int, ks: int, ke: int, rising: bool) -> tuple[int, int, bool]:
+    """``(r0, r1, split)``: the rows ``qs + r0 .. qs + r1 - 1`` narrowed to those that may share a document with keys
+    ``ks .. ke - 1`` (empty when none does), and whether the block still spans more than one document."""
     q_ids, k_ids = docs
-    q_min, q_max = q_ids[:, q0:q1].min(axis=1), q_ids[:, q0:q1].max(axis=1)
-    k_min, k_max = k_ids[:, k0:k1].min(axis=1), k_ids[:, k0:k1].max(axis=1)
-    overlap = (q_min <= k_max) & (k_min <= q_max)
-    one = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
-    return bool(overlap.any()), not bool(one.all())
+    k_min, k_max = k_ids[ks:ke].min(), k_ids[ks:ke].max()
+    rows = q_ids[qs + r0 : qs + r1]
+    if rising:  # ids run along the window: the rows of the chunk's documents are one range
+        r0, r1 = r0 + int(np.searchsorted(rows, k_min, "left")), r0 + int(np.searchsorted(rows, k_max, "right"))
+        if r1 <= r0:
+            return r0, r1, False
+        rows = q_ids[qs + r0 : qs + r1]
+    elif rows.max() < k_min or rows.min() > k_max:
+        return r0, r0, False
+    return r0, r1, not (rows.min() == rows.max() == k_min == k_max)
 
 
 def _local_documents(document_ids, q_offset, q_len, k_offset, k_len, device):
-    """The ids of the local query and key positions: ``(numpy pair for the block plan, tensor pair for the masks)``,
-    or ``(None, None)`` without documents."""
+    """The ids of one batch row's local query and key positions: ``(numpy pair for the block plan, float32 tensor
+    pair for the masks)``, or ``(None, None)`` without documents."""
     if document_ids is None:
         return None, None
-    q_ids = document_ids[:, q_offset : q_offset + q_len].to(device)
-    k_ids = document_ids[:, k_offset : k_offset + k_len].to(device)
-    return (q_ids.cpu().numpy(), k_ids.cpu().numpy()), (q_ids, k_ids)
+    assert document_ids.shape[0] == 1, "with documents the kernel runs one batch row at a time"
+    q_ids = document_ids[0, q_offset : q_offset + q_len]
+    k_ids = document_ids[0, k_offset : k_offset + k_len]
+    plan = (q_ids.cpu().numpy(), k_ids.cpu().numpy())
+    # float32 ids compare exactly up to 2^24 documents in a window, and write the 1/0 plane in one op.
+    return plan, (q_ids.to(device, torch.float32), k_ids.to(device, torch.float32))
 
 
-def _same_document(ids, qs, r0, r1, ks, ke):
-    """bool ``[B, 1, rows, keys]``: whether query row and key are of one document."""
+def _same_document(ids, planes, qs, r0, r1, ks, ke):
+    """float32 1/0 ``[rows, keys]`` (in the fourth plane): whether query row and key are of one document."""
     q_ids, k_ids = ids
-    return torch.eq(q_ids[:, qs + r0 : qs + r1, None], k_ids[:, None, ks:ke]).unsqueeze(1)
+    out = planes[3][: (r1 - r0) * (ke - ks)].view(r1 - r0, ke - ks)
+    return torch.eq(q_ids[qs + r0 : qs + r1, None], k_ids[None, ks:ke], out=out)
+
+
+def _into_rows(results, b: int, batch: int, parts):
+    """Batch row ``b``'s tensors ``parts`` (each ``[1, ...]``) written into ``results``, made at the first row (each
+    ``[batch, ...]``): one copy of the whole result and one row's at a time, not all rows and their concatenation."""
+    if results is None:
+        results = tuple(part.new_empty((batch, *part.shape[1:])) for part in parts)
+    for result, part in zip(results, parts):
+        result[b : b + 1] = part
+    return results
 
 
 def _workspace(blocks, batch_heads, dim, count, device):
@@ -143,7 +162,7 @@ def _workspace(blocks, batch_heads, dim, count, device):
     size = max((batch_heads * (chunk[3] - chunk[2]) * (chunk[1] - chunk[0]) for chunk in chunks), default=0)
     buffers = [torch.empty(size, dtype=torch.float32, device=device) for _ in range(count)]
     product = torch.empty(batch_heads * max(rows, keys) * dim, dtype=torch.float32, device=device)
-    planes = torch.empty(3, rows * keys, dtype=torch.float32, device=device)
+    planes = torch.empty(4, rows * keys, dtype=torch.float32, device=device)
     local = torch.arange(rows, dtype=torch.float32, device=device)[:, None]
     return buffers, product, planes, local - torch.arange(keys, dtype=torch.float32, device=device)
 
@@ -174,15 +193,17 @@ def _block_view(buffer, batch, heads, rows, keys):
     return buffer[: batch * heads * rows * keys].view(batch, heads, rows, keys)
 
 
-def _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide):
+def _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide, same=None):
     """Write a block's additive bias into ``s4`` ``[B, H, rows, keys]``: ``-slope_h * (i - j)``, and with
     ``hide`` also -inf on its hidden entries. Returns ``(written, visible)``: whether ``s4`` now holds a bias
     (otherwise the matmul is to overwrite it) and, for a masked block, the float32 1/0 ``[rows, keys]`` of
-    its visible entries (None for a block without hidden entries)."""
+    its visible entries (None for a block without hidden entries). ``same``: the float32 1/0 ``[rows, keys]`` of
+    the entries inside one document (a block that documents cut), folded into the visibility."""
     rows, keys = s4.shape[2], s4.shape[3]
+    masked = masked or same is not None
     if neg_slopes is None and not masked:
         return False, None
-    distance, visible, hidden = (plane[: rows * keys].view(rows, keys) for plane in planes)
+    distance, visible, hidden = (plane[: rows * keys].view(rows, keys) for plane in planes[:3])
     # i - j as exact float32 integers, in one small op (instead of int64 positions and a conversion).
     torch.add(local[:rows, :keys], float(d0), out=distance)
     if not masked:
@@ -191,6 +212,8 @@ def _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide):
     torch.ge(distance, 0, out=visible)
     if window is not None:
         visible.mul_(torch.lt(distance, window, out=hidden))
+    if same is not None:
+        visible.mul_(same)
     if not hide:
         if neg_slopes is not None:
             torch.mul(neg_slopes, distance, out=s4)
@@ -240,6 +263,12 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
     that see none of its keys; only the blocks that cross the diagonal or the window's edge are masked (and, with
     ``document_ids``, those that documents cut; chunks of other documents are skipped).
     """
+    if document_ids is not None and q.shape[0] > 1:  # each batch row holds its own documents
+        results = None
+        for b in range(q.shape[0]):
+            row = (q[b : b + 1], k[b : b + 1], v[b : b + 1], slopes, q_offset, k_offset, window, scale)
+            results = _into_rows(results, b, q.shape[0], blockwise_forward(*row, document_ids[b : b + 1]))
+        return results
     batch, heads, q_len, _ = q.shape
     bh = batch * heads
     group = heads // k.shape[1]  # query heads per key/value head
@@ -259,12 +288,9 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
         acc = torch.zeros(bh, qe - qs, v.shape[-1], dtype=torch.float32, device=q.device)
         for ks, ke, r0, r1, d0, masked, split in chunks:
             s4 = _block_view(buffer, batch, heads, r1 - r0, ke - ks)
-            written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=True)
+            same = _same_document(ids, planes, qs, r0, r1, ks, ke) if split else None
+            written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=True, same=same)
             s = _block_scores(s4, written, _fold(qb[:, r0:r1], group), k3[:, ks:ke])
-            other = None
-            if split:  # keys of another document: -inf before the row maximum, exactly 0 after the exp
-                other = ~_same_document(ids, qs, r0, r1, ks, ke)
-                s4.masked_fill_(other, float("-inf"))
             old_max = row_max[:, r0:r1]
             new_max = torch.maximum(old_max, s.amax(dim=-1))
             # A row that has seen no key yet has max -inf; a finite shift keeps its s - shift at -inf, not nan.
@@ -272,8 +298,6 @@ def blockwise_forward(q, k, v, slopes, q_offset=0, k_offset=0, window=None, scal
             p = s.sub_(shift[..., None]).clamp_min_(EXP_FLOOR).exp_()
             if visible is not None:
                 p.mul_(visible)  # the clamp made hidden entries 1.6e-38; they contribute exactly 0
-            if other is not None:
-                s4.masked_fill_(other, 0.0)
             rescale = torch.exp(old_max - shift)
             row_sum[:, r0:r1].mul_(rescale).add_(p.sum(dim=-1))
             _accumulate(acc[:, r0:r1].mul_(rescale[..., None]), _fold(p, group), v3[:, ks:ke], product)
@@ -294,6 +318,14 @@ def blockwise_backward(
     reaching the log-sum-exp output (ring attention merges blocks through it). ``lse`` may cover more keys
     than ``k`` (ring attention passes the merged one); a row with lse -inf sees no key at all.
     """
+    if document_ids is not None and q.shape[0] > 1:  # each batch row holds its own documents
+        results = None
+        for b in range(q.shape[0]):
+            row = [t[b : b + 1] for t in (dout, q, k, v, out, lse)] + [slopes, q_offset, k_offset, window, scale]
+            row_dlse = None if dlse is None else dlse[b : b + 1]
+            grads = blockwise_backward(*row, dlse=row_dlse, document_ids=document_ids[b : b + 1])
+            results = _into_rows(results, b, q.shape[0], grads)
+        return results
     batch, heads, q_len, _ = q.shape
     bh = batch * heads
     group = heads // k.shape[1]  # query heads per key/value head
@@ -321,7 +353,8 @@ def blockwise_backward(
         for ks, ke, r0, r1, d0, masked, split in chunks:
             kc, vc = k3[:, ks:ke], v3[:, ks:ke]
             s4 = _block_view(s_buffer, batch, heads, r1 - r0, ke - ks)
-            written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=False)
+            same = _same_document(ids, planes, qs, r0, r1, ks, ke) if split else None
+            written, visible = _write_bias(s4, planes, local, d0, neg_slopes, masked, window, hide=False, same=same)
             qc, doc = _fold(qb[:, r0:r1], group), _fold(dob[:, r0:r1], group)
             s = _block_scores(s4, written, qc, kc)
             # A block holds only rows that see one of its keys, so their lse is finite: a row with lse -inf
@@ -329,8 +362,6 @@ def blockwise_backward(
             p = s.sub_(lse3[:, qs + r0 : qs + r1]).clamp_(EXP_FLOOR, EXP_CEIL).exp_()
             if visible is not None:
                 p.mul_(visible)  # hidden entries contribute exactly 0
-            if split:  # and so do keys of another document
-                s4.masked_fill_(~_same_document(ids, qs, r0, r1, ks, ke), 0.0)
             _accumulate(dv[:, ks:ke], _fold(p, group).transpose(1, 2), doc, product)
             ds = _block_view(ds_buffer, 1, bh, r1 - r0, ke - ks)[0]
             torch.bmm(doc, vc.transpose(1, 2), out=_fold(ds, group))

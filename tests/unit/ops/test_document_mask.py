@@ -148,3 +148,12 @@ def test_bad_document_ids_are_one_line(ids, message):
     q, k, v = qkv(length=L)
     with pytest.raises(ValueError, match=message):
         alibi_attention(q, k, v, slopes(3), document_ids=ids)
+
+
+def test_ids_that_do_not_run_along_the_window_are_masked_all_the_same(small_blocks):
+    """Ids need not rise (e.g. a row of documents 2, 0, 1): no row narrowing then, the masks still exact."""
+    q, k, v = qkv(batch=1, length=100)
+    ids = torch.cat([torch.full((30,), 2), torch.zeros(40, dtype=torch.long), torch.ones(30, dtype=torch.long)])[None]
+    got = alibi_attention(q, k, v, slopes(3), document_ids=ids)
+    want = alibi_attention(q, k, v, slopes(3), backend="eager", document_ids=ids)
+    assert torch.allclose(got, want, atol=1e-5)
