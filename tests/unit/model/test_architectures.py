@@ -101,3 +101,15 @@ def test_falcon_slopes_are_falcons():
     theirs = torch.tensor(_bloom_slopes(12)).to(torch.bfloat16).double() / 4.0
     assert torch.allclose(model.pos.slopes.double(), theirs, rtol=1e-7, atol=0)
     assert model.pos.slopes.dtype == torch.float32
+
+
+def test_the_plan_says_when_ulysses_repeats_key_value_heads():
+    from pretrain.config import ParallelConfig
+    from pretrain.perf.plan import format_plan, make_plan
+
+    model = ModelConfig(n_layer=2, n_head=8, d_model=64, n_kv_head=2)
+    text = format_plan(make_plan(Config(model=model, parallel=ParallelConfig(sp_size=4)), 4, device="cpu"))
+    assert "attention: 8 query heads, 2 key/value heads; KV cache 128 bytes per token in 16 bits" in text
+    assert "ulysses: 2 key/value heads do not split over 4 ranks; each is repeated 2 times" in text
+    plain = format_plan(make_plan(Config(model=model, parallel=ParallelConfig(sp_size=2)), 2, device="cpu"))
+    assert "repeated" not in plain
