@@ -1,8 +1,8 @@
 """The export stage through the real command line: ``stage=all`` ends with ``<run_dir>/hf/``, which ``transformers``
 loads offline in a process where neither ``pretrain`` nor ``sentencepiece`` can be imported, with our logits at 1x
 and 8x the training length and our tokenizer's ids on the whole validation split; an intermediate checkpoint
-exports in bf16; a model BLOOM cannot represent is skipped by ``stage=all`` and refused by ``stage=export`` with no
-``hf/`` left behind."""
+exports in bf16; a model no transformers class represents is skipped by ``stage=all`` and refused by ``stage=export``
+with no ``hf/`` left behind; MPT's block exports as ``MptForCausalLM``."""
 
 from __future__ import annotations
 
