@@ -89,3 +89,37 @@ def test_scores_all_reduce_keeps_the_window_sums_on_one_rank():
         world_size = 1
 
     assert scores.all_reduce(One()) is scores and torch.tensor(scores.window_loss).sum() == 3.0
+
+
+def test_training_extrapolation_scores_multiples_of_the_current_length_and_logs_the_error_bars(monkeypatch):
+    """Under train.seq_len_schedule the model config handed in carries the length now trained."""
+    from dataclasses import replace
+
+    import pretrain.eval.during_training as during
+    from pretrain.config import Config, ModelConfig, TrainConfig
+
+    seen = []
+
+    def fake_evaluate(model, model_cfg, tokens, ecfg, lengths, ctx, say, split):
+        seen.append((list(lengths), list(ecfg.lengths), model_cfg.seq_len))
+        return [
+            {"length": n, "loss": 2.0, "ppl": 7.4, "loss_stderr": 0.1, "ppl_ci95": [6.0, 9.0], "windowed_loss": 2.1,
+             "seconds": 0.1}
+            for n in lengths
+        ], [], []  # fmt: skip
+
+    class Corpus:
+        def tokens(self, split):
+            return np.zeros(10, dtype=np.int64)
+
+    monkeypatch.setattr(during, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(during, "make_split", lambda pcfg, ctx: object())
+    cfg = Config(model=ModelConfig(seq_len=64), train=TrainConfig(eval_lengths=[1, 2]))
+    score = during.training_extrapolation(cfg, None, Corpus())
+    model = torch.nn.Linear(1, 1)
+    metrics = score(model, replace(cfg.model, seq_len=32))  # the schedule's first length
+    assert seen[-1] == ([32, 64], [32, 64], 32)
+    assert metrics["ppl@2x"] == 7.4 and metrics["loss_stderr@2x"] == 0.1
+    assert (metrics["ppl_low@1x"], metrics["ppl_high@1x"]) == (6.0, 9.0)
+    score(model, cfg.model)
+    assert seen[-1][0] == [64, 128]
