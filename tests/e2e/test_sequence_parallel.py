@@ -71,18 +71,26 @@ def test_training_with_sequences_split_over_two_ranks_matches_one_rank(workdir, 
         assert a["tokens"] == b["tokens"]
 
 
+DOCUMENT_MASKED = ["stage=train", *SMALL_RUN, "train.max_steps=6", "model.seq_len=40", "model.n_head=4",
+                   "train.document_mask=true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def document_masked_one_rank(workdir):
+    """The 1-rank reference of the document-masked runs, trained once for both modes."""
+    one = workdir / "docs-one"
+    run_pretrain([*DOCUMENT_MASKED, f"run_dir={one}"], cwd=workdir)
+    return metrics(one)
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("parallel", ["parallel=ulysses2", "parallel=ring2"])
-def test_document_masked_training_on_two_ranks_matches_one_rank(workdir, parallel):
+def test_document_masked_training_on_two_ranks_matches_one_rank(workdir, document_masked_one_rank, parallel):
     """train.document_mask=true: 6 steps with each sequence split over 2 ranks give the 1-rank losses (documents
     cross the shard and ring-block boundaries of these 40-token windows)."""
-    common = ["stage=train", *SMALL_RUN, "train.max_steps=6", "model.seq_len=40", "model.n_head=4"]
-    common += ["train.document_mask=true"]
-    name = parallel.replace("=", "_")
-    one, two = workdir / f"docs-one-{name}", workdir / f"docs-two-{name}"
-    run_pretrain([*common, f"run_dir={one}"], cwd=workdir)
-    run_pretrain([*common, parallel, f"run_dir={two}"], cwd=workdir, ranks=2)
-    want, got = metrics(one), metrics(two)
+    two = workdir / f"docs-two-{parallel.replace('=', '_')}"
+    run_pretrain([*DOCUMENT_MASKED, parallel, f"run_dir={two}"], cwd=workdir, ranks=2)
+    want, got = document_masked_one_rank, metrics(two)
     assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 7))
     for a, b in zip(want, got):
         assert abs(a["loss"] - b["loss"]) / a["loss"] <= 1e-4, (a, b)
