@@ -272,6 +272,11 @@ def score_tasks(cfg: Config, device: str, say, just_exported: bool = False) -> d
         fewshot_random_seed=h.seed,
     )
     seconds = time.perf_counter() - scoring
+    if results is None:  # lm-eval returns results on its rank 0 only, which it also reads from LOCAL_RANK
+        raise PipelineError(
+            f"lm-evaluation-harness returned no results in this process (LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} "
+            "in the environment makes it think it is not the first process); unset LOCAL_RANK and run again"
+        )
     samples = results.pop("samples", {}) or {}
     output_types = {task: c.get("output_type") for task, c in results.get("configs", {}).items()}
 

@@ -9,7 +9,10 @@ from cli import run_cli
     [
         (["model.n_head=5"], "error: model.d_model=128 is not divisible by model.n_head=5"),
         (["model.pos_encoding=xpos"], "error: model.pos_encoding='xpos' is not allowed"),
-        (["model.no_such_key=1"], "error: unknown config key 'model.no_such_key'; model.* keys: model.attention"),
+        (
+            ["model.no_such_key=1"],
+            "error: unknown config key 'model.no_such_key'; model.* keys: model.alibi_slopes, model.attention",
+        ),
         (["train.max_step=3"], "error: unknown config key 'train.max_step'; did you mean train.max_steps?"),
         (["train.lr=abc"], "train.lr"),
     ],

@@ -63,7 +63,7 @@ def test_the_bare_chain_ends_with_the_table_and_the_plots(trained):
     for name in ("ppl_vs_length.png", "loss_vs_position.png", "passkey.png"):
         assert (run_dir / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The console table, after the training output.
-    assert "length x train    loss       ppl    tokens  windowed  full-windowed" in stdout
+    assert "length x train    loss   +-se       ppl      95% interval    tokens  windowed  full-windowed" in stdout
     assert stdout.index("trained 300 steps") < stdout.index("full-windowed")
     assert "   1024      32 " in stdout
     assert "passkey retrieval" in stdout

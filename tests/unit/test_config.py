@@ -82,7 +82,10 @@ def test_bad_value_through_composition_is_caught_before_work():
 
 
 def test_launcher_local_rank_argument_is_accepted(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # Set first so that monkeypatch restores its absence: a LOCAL_RANK=1 left in this process would reach every
+    # command the later tests start (lm-eval then scores on no process).
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setenv("RANK", "0")
     assert adapt_launcher_argv(["pretrain", "--local_rank=1", "model=tiny"]) == ["pretrain", "model=tiny"]
     import os
