@@ -53,47 +53,47 @@ def _bloom_slopes(n_head: int) -> list[float]:
     return values
 
 
-def check_bloom_compatible(model_cfg: ModelConfig) -> None:
-    """Raise ConfigError (one line, naming the setting) when BLOOM cannot represent this model."""
-    reason = None
-    if model_cfg.pos_encoding != "alibi":
-        reason = f"model.pos_encoding={model_cfg.pos_encoding} (BLOOM supports only alibi)"
-    elif not model_cfg.bias:
-        reason = "model.bias=false (every BLOOM linear layer and LayerNorm has a bias)"
-    elif not model_cfg.embedding_layernorm:
-        reason = "model.embedding_layernorm=false (BLOOM always normalises the word embeddings)"
-    elif model_cfg.mlp_ratio != BLOOM_MLP_RATIO:
-        reason = f"model.mlp_ratio={model_cfg.mlp_ratio} (BLOOM's MLP is always {BLOOM_MLP_RATIO} x d_model)"
-    elif model_cfg.mlp != "gelu_tanh":
-        reason = f"model.mlp={model_cfg.mlp} (BLOOM's MLP is the tanh-approximated GELU)"
-    elif model_cfg.norm != "layernorm":
-        reason = f"model.norm={model_cfg.norm} (every BLOOM LayerNorm has a bias)"
-    elif model_cfg.n_kv_head != model_cfg.n_head:
-        reason = f"model.n_kv_head={model_cfg.n_kv_head} (BLOOM has one key/value head per query head)"
-    elif model_cfg.alibi_slopes != "paper":
-        reason = f"model.alibi_slopes={model_cfg.alibi_slopes} (BLOOM uses the paper's slopes)"
-    elif model_cfg.parallel_block:
-        reason = "model.parallel_block=true (BLOOM's block is sequential)"
-    else:
-        ours = alibi_slopes(model_cfg.n_head).double()
-        theirs = torch.tensor(_bloom_slopes(model_cfg.n_head), dtype=torch.float64)
-        if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=SLOPE_RTOL, atol=0.0):
-            reason = f"model.n_head={model_cfg.n_head} (BLOOM computes other ALiBi slopes for this head count)"
+def slopes_refusal(model_cfg: ModelConfig, theirs: list[float], family: str) -> str | None:
+    """Why a class whose ALiBi slopes are ``theirs`` cannot represent our slopes for ``model.n_head``, or None."""
+    ours = alibi_slopes(model_cfg.n_head).double()
+    given = torch.tensor(theirs, dtype=torch.float64)
+    if ours.shape != given.shape or not torch.allclose(ours, given, rtol=SLOPE_RTOL, atol=0.0):
+        return f"model.n_head={model_cfg.n_head} ({family} computes other ALiBi slopes for this head count)"
+    return None
+
+
+def raise_if_refused(reason: str | None, family: str) -> None:
+    """The one-line ConfigError of an export class that cannot represent the model (``reason`` from its refusal)."""
     if reason is not None:
-        raise ConfigError(f"a Hugging Face BLOOM export cannot represent {reason}; the model cannot be exported")
+        raise ConfigError(f"a Hugging Face {family} export cannot represent {reason}; the model cannot be exported")
 
 
 def bloom_refusal(model_cfg: ModelConfig) -> str | None:
     """Why ``BloomForCausalLM`` cannot represent this model (the setting, in a few words), or None."""
-    try:
-        check_bloom_compatible(model_cfg)
-    except ConfigError as err:
-        return (
-            str(err)
-            .removeprefix("a Hugging Face BLOOM export cannot represent ")
-            .removesuffix("; the model cannot be exported")
-        )
-    return None
+    if model_cfg.pos_encoding != "alibi":
+        return f"model.pos_encoding={model_cfg.pos_encoding} (BLOOM supports only alibi)"
+    if not model_cfg.bias:
+        return "model.bias=false (every BLOOM linear layer and LayerNorm has a bias)"
+    if not model_cfg.embedding_layernorm:
+        return "model.embedding_layernorm=false (BLOOM always normalises the word embeddings)"
+    if model_cfg.mlp_ratio != BLOOM_MLP_RATIO:
+        return f"model.mlp_ratio={model_cfg.mlp_ratio} (BLOOM's MLP is always {BLOOM_MLP_RATIO} x d_model)"
+    if model_cfg.mlp != "gelu_tanh":
+        return f"model.mlp={model_cfg.mlp} (BLOOM's MLP is the tanh-approximated GELU)"
+    if model_cfg.norm != "layernorm":
+        return f"model.norm={model_cfg.norm} (every BLOOM LayerNorm has a bias)"
+    if model_cfg.n_kv_head != model_cfg.n_head:
+        return f"model.n_kv_head={model_cfg.n_kv_head} (BLOOM has one key/value head per query head)"
+    if model_cfg.alibi_slopes != "paper":
+        return f"model.alibi_slopes={model_cfg.alibi_slopes} (BLOOM uses the paper's slopes)"
+    if model_cfg.parallel_block:
+        return "model.parallel_block=true (BLOOM's block is sequential)"
+    return slopes_refusal(model_cfg, _bloom_slopes(model_cfg.n_head), "BLOOM")
+
+
+def check_bloom_compatible(model_cfg: ModelConfig) -> None:
+    """Raise ConfigError (one line, naming the setting) when BLOOM cannot represent this model."""
+    raise_if_refused(bloom_refusal(model_cfg), "BLOOM")
 
 
 def bloom_config(model_cfg: ModelConfig, token_ids: dict[str, int] | None = None, dtype: str = "float32") -> dict:

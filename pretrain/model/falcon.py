@@ -28,9 +28,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.errors import ConfigError
-from pretrain.model.bloom import DEFAULT_TOKEN_IDS, SLOPE_RTOL, _bloom_slopes
-from pretrain.ops.alibi import slopes as alibi_slopes
+from pretrain.model.bloom import DEFAULT_TOKEN_IDS, _bloom_slopes, raise_if_refused, slopes_refusal
 
 PREFIX = "transformer."
 ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -59,18 +57,12 @@ def falcon_refusal(model_cfg: ModelConfig) -> str | None:
             "new_decoder_architecture block, model.parallel_block=true; its sequential block has 1 or n_head "
             "key/value heads)"
         )
-    ours = alibi_slopes(model_cfg.n_head).double()
-    theirs = torch.tensor(_bloom_slopes(model_cfg.n_head), dtype=torch.float64)
-    if not torch.allclose(ours, theirs, rtol=SLOPE_RTOL, atol=0.0):
-        return f"model.n_head={model_cfg.n_head} (Falcon computes other ALiBi slopes for this head count)"
-    return None
+    return slopes_refusal(model_cfg, _bloom_slopes(model_cfg.n_head), "Falcon")
 
 
 def check_falcon_compatible(model_cfg: ModelConfig) -> None:
     """Raise ConfigError (one line, naming the setting) when Falcon cannot represent this model."""
-    reason = falcon_refusal(model_cfg)
-    if reason is not None:
-        raise ConfigError(f"a Hugging Face Falcon export cannot represent {reason}; the model cannot be exported")
+    raise_if_refused(falcon_refusal(model_cfg), "Falcon")
 
 
 def falcon_config(model_cfg: ModelConfig, token_ids: dict[str, int] | None = None, dtype: str = "float32") -> dict:

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from pretrain.config import ModelConfig
 from pretrain.errors import ConfigError
-from pretrain.model.bloom import DEFAULT_TOKEN_IDS, SLOPE_RTOL
-from pretrain.ops.alibi import slopes as alibi_slopes
+from pretrain.model.bloom import DEFAULT_TOKEN_IDS, raise_if_refused, slopes_refusal
 
 PREFIX = "transformer."
 MPT_MLP_RATIO = 4
@@ -65,18 +62,12 @@ def mpt_refusal(model_cfg: ModelConfig) -> str | None:
         return "model.parallel_block=true (MPT's block is sequential)"
     if model_cfg.n_kv_head != model_cfg.n_head:
         return f"model.n_kv_head={model_cfg.n_kv_head} (transformers' MPT has one key/value head per query head)"
-    ours = alibi_slopes(model_cfg.n_head).double()
-    theirs = torch.tensor(_mpt_slopes(model_cfg.n_head), dtype=torch.float64)
-    if not torch.allclose(ours, theirs, rtol=SLOPE_RTOL, atol=0.0):
-        return f"model.n_head={model_cfg.n_head} (MPT computes other ALiBi slopes for this head count)"
-    return None
+    return slopes_refusal(model_cfg, _mpt_slopes(model_cfg.n_head), "MPT")
 
 
 def check_mpt_compatible(model_cfg: ModelConfig) -> None:
     """Raise ConfigError (one line, naming the setting) when MPT cannot represent this model."""
-    reason = mpt_refusal(model_cfg)
-    if reason is not None:
-        raise ConfigError(f"a Hugging Face MPT export cannot represent {reason}; the model cannot be exported")
+    raise_if_refused(mpt_refusal(model_cfg), "MPT")
 
 
 def mpt_config(model_cfg: ModelConfig, token_ids: dict[str, int] | None = None, dtype: str = "float32") -> dict:
